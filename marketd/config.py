@@ -1,0 +1,763 @@
+"""Typed configuration: defaults < marketd.toml < .env < environment < CLI flags.
+
+Every setting is declared once, as an attrs field carrying its environment variable, its help text
+and its check. `load_config` merges the layers, remembers where each value came from (for
+`marketd config show` and for error messages) and structures the result with cattrs. A bad value
+raises ConfigError naming the key, its source (file:line or the variable) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+import cattrs
+
+from marketd.errors import ConfigError, StreamNameError
+from marketd.ingest.streams import ROUTED_KINDS, Shard, parse_streams
+
+T = TypeVar("T")
+
+# -- setting declarations ------------------------------------------------------------------------
+
+_META = "marketd"
+
+
+@attrs.frozen
+class _Meta:
+    env: str | None
+    help: str
+    check: Callable[[Any], Any] | None
+    secret: bool
+
+
+def setting(
+    default: Any,
+    *,
+    env: str | None = None,
+    help: str = "",
+    check: Callable[[Any], Any] | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare one setting: its default, env var, help line and check (raises ValueError)."""
+    meta = {_META: _Meta(env, help, check, secret)}
+    if isinstance(default, dict | list | tuple):
+        frozen = tuple(default) if isinstance(default, list) else default
+        factory: Callable[[], Any] = (lambda d=frozen: dict(d)) if isinstance(frozen, dict) else (
+            lambda d=frozen: d
+        )
+        return attrs.field(factory=factory, metadata=meta)
+    return attrs.field(default=default, metadata=meta)
+
+
+def _one_of(*allowed: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+def _at_least(minimum: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum:g}")
+        return value
+
+    return check
+
+
+def _one_to(maximum: int) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not 1 <= value <= maximum:
+            raise ValueError(f"must be between 1 and {maximum}")
+        return value
+
+    return check
+
+
+def _positive(value: Any) -> Any:
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _check_streams(value: Any) -> Any:
+    try:
+        parse_streams(value)
+    except StreamNameError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _check_ws_url(value: Any) -> Any:
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ValueError("must be a ws:// or wss:// URL, e.g. wss://stream.binance.com:9443/stream")
+    return value
+
+
+def _check_http_url(value: Any) -> Any:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _check_redis_url(value: Any) -> Any:
+    if value == "embedded":
+        return value
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be 'embedded' or a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _check_symbols(value: Any) -> Any:
+    for symbol in value:
+        if not re.fullmatch(r"[A-Z0-9]{2,30}", symbol):
+            raise ValueError(f"{symbol!r} is not a symbol (A-Z, 0-9, 2 to 30 characters)")
+    return value
+
+
+def _check_shard(value: Any) -> Any:
+    Shard.parse(value)
+    return value
+
+
+def _check_bootstrap(value: Any) -> Any:
+    if not value.strip():
+        raise ValueError("must be 'embedded' or host:port[,host:port...]")
+    return value
+
+
+def _check_routes(value: Any) -> Any:
+    known = {k.value for k in ROUTED_KINDS}
+    for kind, topic in value.items():
+        if kind not in known:
+            raise ValueError(f"unknown stream kind {kind!r}; routable kinds: {', '.join(sorted(known))}")
+        _check_topic(topic)
+    return value
+
+
+def _check_topic(value: Any) -> Any:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", value):
+        raise ValueError("must be a Kafka topic name (A-Z a-z 0-9 . _ -, at most 249 characters)")
+    return value
+
+
+def _upper_symbols(value: Any) -> Any:
+    return tuple(s.strip().upper() for s in value if s.strip())
+
+
+DEFAULT_STREAMS = (
+    "btcusdt@trade", "ethusdt@trade", "bnbusdt@trade",
+    "btcusdt@kline_1m", "ethusdt@kline_1m", "btcusdt@ticker",
+)  # fmt: skip
+DEFAULT_TICKER_SYMBOLS = (
+    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT",
+    "DOTUSDT", "MATICUSDT", "LINKUSDT", "LTCUSDT", "UNIUSDT", "ATOMUSDT", "SHIBUSDT",
+)  # fmt: skip
+DEFAULT_ROUTES = {
+    "aggTrade": "raw_agg_trades",
+    "bookTicker": "raw_book_tickers",
+    "miniTicker": "raw_mini_tickers",
+    "rollingTicker": "raw_rolling_tickers",
+    "avgPrice": "raw_avg_prices",
+    "referencePrice": "raw_reference_prices",
+    "blockTrade": "raw_block_trades",
+}
+COMPONENTS = ("ingest", "tickers", "api")
+
+# -- the configuration tree ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class BinanceConfig:
+    ws_url: str = setting(
+        "wss://stream.binance.com:9443/stream", env="BINANCE_WS_URL", check=_check_ws_url,
+        help="WebSocket endpoint for combined streams (/stream)",
+    )
+    streams: tuple[str, ...] = setting(
+        DEFAULT_STREAMS, env="BINANCE_STREAMS", check=_check_streams,
+        help="streams to ingest (comma-separated in the env var)",
+    )
+    rest_url: str = setting(
+        "https://api.binance.com", env="BINANCE_REST_URL", check=_check_http_url,
+        help="REST base URL for backfill",
+    )
+    ping_interval_s: float = setting(
+        180.0, env="PING_INTERVAL_SECONDS", check=_positive, help="our keepalive ping interval",
+    )
+    pong_timeout_s: float = setting(
+        20.0, check=_positive, help="a ping unanswered this long marks the connection dead",
+    )
+    reconnect_max_delay_s: float = setting(
+        60.0, env="RECONNECT_MAX_DELAY_SECONDS", check=_positive, help="cap of the reconnect backoff",
+    )
+    reconnect_initial_delay_s: float = setting(0.5, check=_positive, help="first reconnect delay")
+    healthy_after_s: float = setting(
+        60.0, check=_positive, help="a connection up this long resets the reconnect backoff",
+    )
+    connection_timeout_s: float = setting(
+        10.0, env="WS_CONNECTION_TIMEOUT", check=_positive, help="connect + handshake timeout",
+    )
+    max_frame_bytes: int = setting(
+        1_048_576, env="BINANCE_MAX_FRAME_BYTES", check=_at_least(1024),
+        help="largest frame accepted; larger ones are dead-lettered (truncated)",
+    )
+    max_streams_per_connection: int = setting(
+        1024, check=_one_to(1024), help="streams per connection (Binance allows 1024)",
+    )
+    silence_timeout_s: dict[str, float] = setting(
+        {"kline": 30.0, "ticker": 30.0, "miniTicker": 30.0, "rollingTicker": 30.0,
+         "avgPrice": 30.0, "bookTicker": 300.0, "trade": 0.0, "aggTrade": 0.0},
+        help="per stream kind: no data for this long marks a connection dead (0 = quiet is normal)",
+    )
+    subscribe_rate_per_s: float = setting(
+        4.0, check=_positive, help="control messages per second per connection (Binance: 5)",
+    )
+    connect_attempts_per_5min: int = setting(
+        250, check=_at_least(1), help="connection attempts per 5 minutes per IP (Binance: 300)",
+    )
+    backpressure_close_s: float = setting(
+        40.0, check=_positive,
+        help="a reader blocked this long by a slow pipeline closes and reconnects (pong deadline 60 s)",
+    )
+    time_unit: str = setting(
+        "MILLISECOND", check=_one_of("MILLISECOND", "MICROSECOND"),
+        help="stream time unit; MICROSECOND streams are normalised to ms",
+    )
+
+
+@attrs.frozen
+class KafkaConfig:
+    bootstrap_servers: str = setting(
+        "localhost:9092", env="KAFKA_BOOTSTRAP_SERVERS", check=_check_bootstrap,
+        help="brokers, or 'embedded' for librdkafka's in-process mock cluster (ephemeral)",
+    )
+    compression: str = setting(
+        "snappy", env="KAFKA_COMPRESSION", check=_one_of("snappy", "gzip", "lz4", "zstd", "none"),
+        help="producer compression",
+    )
+    acks: str = setting("1", env="KAFKA_ACKS", check=_one_of("0", "1", "all"), help="producer acks")
+    linger_ms: float = setting(
+        1.0, check=_at_least(0), help="producer linger; low keeps receipt->ack latency low",
+    )
+    idempotence: bool = setting(True, help="idempotent producer (no duplicates on retry)")
+    flush_timeout_s: float = setting(
+        10.0, check=_positive, help="bound on the final flush at shutdown",
+    )
+    producer: dict[str, str] = setting(
+        {}, help="extra librdkafka producer properties (security.protocol, sasl.*, ssl.*, ...)",
+    )
+    consumer: dict[str, str] = setting({}, help="extra librdkafka consumer properties")
+
+
+@attrs.frozen
+class TopicsConfig:
+    raw_trades: str = setting("raw_trades", env="TOPIC_RAW_TRADES", check=_check_topic)
+    raw_klines: str = setting("raw_klines", env="TOPIC_RAW_KLINES", check=_check_topic)
+    raw_tickers: str = setting("raw_tickers", env="TOPIC_RAW_TICKERS", check=_check_topic)
+    dlq: str = setting("raw_dlq", env="TOPIC_DLQ", check=_check_topic, help="dead-letter topic")
+    gaps: str = setting("raw_gaps", env="TOPIC_GAPS", check=_check_topic, help="unrepaired gaps")
+
+
+@attrs.frozen
+class BatchConfig:
+    size: int = setting(100, env="BATCH_SIZE", check=_at_least(1), help="max messages per batch")
+    timeout_ms: float = setting(
+        100.0, env="BATCH_TIMEOUT_MS", check=_positive, help="max age of a batch",
+    )
+    check_interval_ms: float = setting(
+        10.0, env="BATCH_CHECK_INTERVAL_MS", check=_positive,
+        help="granularity of the age check (deadlines are rounded up to it)",
+    )
+
+
+@attrs.frozen
+class DlqConfig:
+    max_raw_bytes: int = setting(
+        8192, check=_at_least(64), help="a dead-lettered frame is truncated to this many bytes",
+    )
+
+
+@attrs.frozen
+class IngestConfig:
+    shard: str = setting("1/1", env="MARKETD_SHARD", check=_check_shard,
+                         help="this instance's slice of the streams, K/N")
+    frame_buffer: int = setting(
+        8192, check=_at_least(1), help="frames buffered between the WebSocket and the decoder",
+    )
+    record_buffer: int = setting(64, check=_at_least(1), help="decoded chunks buffered before batching")
+    batch_buffer: int = setting(16, check=_at_least(1), help="batches buffered before the producer")
+
+
+@attrs.frozen
+class TickersConfig:
+    topic: str = setting("raw_tickers", env="KAFKA_TICKER_TOPIC", check=_check_topic)
+    group: str = setting("ticker-consumer-group", env="TICKER_CONSUMER_GROUP")
+    symbols: tuple[str, ...] = setting(
+        DEFAULT_TICKER_SYMBOLS, env="TICKER_SYMBOLS", check=_check_symbols,
+        help="symbols stored in Redis (case-insensitive)",
+    )
+    ttl_s: int = setting(60, env="TICKER_TTL_SECONDS", check=_at_least(1), help="Redis TTL")
+    watermark_delay_ms: int = setting(
+        10_000, env="TICKER_WATERMARK_DELAY_MS", check=_at_least(0),
+        help="reject tickers older than now - this",
+    )
+    max_future_ms: int = setting(
+        5_000, env="TICKER_MAX_FUTURE_MS", check=_at_least(0),
+        help="reject tickers further than this in the future",
+    )
+    stale_s: float = setting(
+        30.0, env="TICKER_STALE_SECONDS", check=_positive, help="age after which a ticker is stale",
+    )
+
+
+@attrs.frozen
+class RedisConfig:
+    url: str = setting(
+        "redis://localhost:6379/0", env="REDIS_URL", check=_check_redis_url, secret=True,
+        help="redis://, rediss:// or 'embedded' (a private redis-server child process)",
+    )
+
+
+@attrs.frozen
+class ApiConfig:
+    host: str = setting("127.0.0.1", env="API_HOST", help="HTTP API bind address")
+    port: int = setting(8000, env="API_PORT", check=_one_to(65535), help="HTTP API port")
+
+
+@attrs.frozen
+class ComponentsConfig:
+    ingest: bool = setting(True, help="WebSocket -> Kafka")
+    tickers: bool = setting(True, help="raw_tickers -> Redis")
+    api: bool = setting(True, help="HTTP API")
+
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(name for name in COMPONENTS if getattr(self, name))
+
+
+@attrs.frozen
+class LogConfig:
+    level: str = setting(
+        "INFO", env="LOG_LEVEL", check=_one_of("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
+    format: str = setting("text", env="LOG_FORMAT", check=_one_of("text", "json"))
+
+
+@attrs.frozen
+class SupervisorConfig:
+    max_failures: int = setting(
+        5, check=_at_least(1), help="failures within failure_window_s before the process exits 1",
+    )
+    failure_window_s: float = setting(300.0, check=_positive)
+    backoff_initial_s: float = setting(0.5, check=_positive)
+    backoff_max_s: float = setting(30.0, check=_positive)
+
+
+@attrs.frozen
+class ShutdownConfig:
+    drain_timeout_s: float = setting(
+        15.0, check=_positive, help="graceful drain + flush bound; past it everything is cancelled",
+    )
+
+
+@attrs.frozen
+class AnalyticsConfig:
+    postgres_dsn: str = setting(
+        "", env="POSTGRES_DSN", secret=True,
+        help="PostgreSQL warm storage for the market/analytics API ('' = those endpoints answer 503)",
+    )
+    redis_prefix: str = setting("analytics", help="key prefix of the Spark jobs' Redis sink")
+
+
+@attrs.frozen
+class SpoolConfig:
+    dir: str = setting("spool", env="SPOOL_DIR", help="on-disk spool for a Kafka outage")
+    max_bytes: int = setting(
+        1 << 30, env="SPOOL_MAX_BYTES", check=_at_least(1 << 20),
+        help="spool size cap; when full the WebSocket gets backpressure (and backfill repairs)",
+    )
+    segment_bytes: int = setting(64 << 20, check=_at_least(1 << 16), help="spool segment size")
+    outage_after_s: float = setting(
+        5.0, check=_positive, help="undelivered this long (or local queue past the threshold) = outage",
+    )
+    queue_threshold: float = setting(
+        0.5, check=_positive, help="fraction of the producer's local queue that triggers spooling",
+    )
+
+
+@attrs.frozen
+class BackfillConfig:
+    enabled: bool = setting(True, env="BACKFILL_ENABLED", help="repair trade/kline gaps over REST")
+    use_agg_trades: bool = setting(False, help="backfill aggTrade streams from /api/v3/aggTrades")
+    weight_budget_per_min: int = setting(
+        4800, check=_at_least(1), help="REST request weight we allow ourselves (Binance: 6000)",
+    )
+    give_up_after_s: float = setting(
+        300.0, check=_positive, help="REST unavailable this long: publish the gap as unrepaired",
+    )
+    request_timeout_s: float = setting(10.0, check=_positive)
+
+
+@attrs.frozen
+class RotationConfig:
+    max_age_s: float = setting(
+        23 * 3600.0, check=_positive, help="open a replacement before Binance's 24 h disconnect",
+    )
+    jitter_s: float = setting(1800.0, check=_at_least(0), help="spread of rotations across shards")
+    overlap_timeout_s: float = setting(
+        30.0, check=_positive, help="how long a replacement may take to deliver before switching",
+    )
+
+
+@attrs.frozen
+class Config:
+    binance: BinanceConfig = attrs.field(factory=BinanceConfig)
+    kafka: KafkaConfig = attrs.field(factory=KafkaConfig)
+    topics: TopicsConfig = attrs.field(factory=TopicsConfig)
+    routes: dict[str, str] = setting(
+        DEFAULT_ROUTES, check=_check_routes,
+        help="topic per extra stream kind (trade, kline and ticker use [topics])",
+    )
+    batch: BatchConfig = attrs.field(factory=BatchConfig)
+    dlq: DlqConfig = attrs.field(factory=DlqConfig)
+    ingest: IngestConfig = attrs.field(factory=IngestConfig)
+    tickers: TickersConfig = attrs.field(factory=TickersConfig)
+    redis: RedisConfig = attrs.field(factory=RedisConfig)
+    api: ApiConfig = attrs.field(factory=ApiConfig)
+    components: ComponentsConfig = attrs.field(factory=ComponentsConfig)
+    log: LogConfig = attrs.field(factory=LogConfig)
+    supervisor: SupervisorConfig = attrs.field(factory=SupervisorConfig)
+    shutdown: ShutdownConfig = attrs.field(factory=ShutdownConfig)
+    analytics: AnalyticsConfig = attrs.field(factory=AnalyticsConfig)
+    spool: SpoolConfig = attrs.field(factory=SpoolConfig)
+    backfill: BackfillConfig = attrs.field(factory=BackfillConfig)
+    rotation: RotationConfig = attrs.field(factory=RotationConfig)
+
+    @property
+    def shard(self) -> Shard:
+        return Shard.parse(self.ingest.shard)
+
+    def route_for(self, kind: str) -> str:
+        return self.routes.get(kind, DEFAULT_ROUTES[kind])
+
+
+# -- walking the declarations ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Setting:
+    key: str  # dotted, e.g. "kafka.compression"
+    type: Any
+    default: Any
+    meta: _Meta
+
+
+def _walk(cls: type, prefix: str = "") -> Iterator[Setting]:
+    hints = get_type_hints(cls)
+    for field in attrs.fields(cls):
+        key = f"{prefix}{field.name}"
+        tp = hints[field.name]
+        if attrs.has(tp):
+            yield from _walk(tp, key + ".")
+            continue
+        default = field.default.factory() if isinstance(field.default, attrs.Factory) else (  # type: ignore[attr-defined]
+            field.default
+        )
+        yield Setting(key, tp, default, field.metadata[_META])
+
+
+SETTINGS: dict[str, Setting] = {s.key: s for s in _walk(Config)}
+SECTIONS = sorted({k.rsplit(".", 1)[0] for k in SETTINGS if "." in k})
+_DICT_SETTINGS = {k for k, s in SETTINGS.items() if get_origin(s.type) is dict}
+
+
+# -- coercion of raw values (TOML values or env strings) ------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(setting: Setting, value: Any, from_text: bool) -> Any:
+    tp = setting.type
+    origin = get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise ValueError("must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and re.fullmatch(r"\s*[-+]?\d+\s*", str(value)):
+            return int(value)
+        raise ValueError("must be an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError("must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if setting.key == "kafka.acks" and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # `acks = 1` in TOML means "1"
+        raise ValueError("must be a string")
+    if origin is tuple:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",")]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            items = [v.strip() for v in value]
+        else:
+            raise ValueError("must be a list of strings (comma-separated in an env var)")
+        return tuple(v for v in items if v)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError("must be a table")
+        value_type = get_args(tp)[1]
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if value_type is float:
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise ValueError(f"{k}: must be a number")
+                out[k] = float(v)
+            else:
+                # librdkafka properties are strings; accept TOML scalars for convenience.
+                if isinstance(v, dict | list):
+                    raise ValueError(f"{k}: must be a scalar")
+                out[k] = str(v).lower() if isinstance(v, bool) else str(v)
+        return out
+    raise TypeError(f"unsupported setting type {tp!r}")  # a bug in the declarations
+
+
+def _validate(setting: Setting, value: Any) -> Any:
+    if setting.key == "tickers.symbols":
+        value = _upper_symbols(value)
+    if setting.meta.check is not None:
+        setting.meta.check(value)
+    return value
+
+
+# -- layers ----------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Value:
+    value: Any
+    source: str  # "default", "marketd.toml:12", "env KAFKA_ACKS", ".env:3", "cli --shard"
+
+
+def _toml_line_index(text: str) -> dict[str, int]:
+    """Best-effort map dotted key -> line number, for error messages and `config show`."""
+    index: dict[str, int] = {}
+    table = ""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.split("#", 1)[0].strip()
+        m = re.fullmatch(r"\[\s*([^\]]+?)\s*\]", stripped)
+        if m:
+            table = m.group(1).replace('"', "").replace(" ", "")
+            index.setdefault(table, lineno)
+            continue
+        m = re.match(r'("[^"]+"|[A-Za-z0-9_.\-]+)\s*=', stripped)
+        if m:
+            key = m.group(1).strip('"')
+            index.setdefault(f"{table}.{key}" if table else key, lineno)
+    return index
+
+
+def _toml_layer(path: Path) -> dict[str, Value]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--config", str(path), f"cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+    lines = _toml_line_index(text)
+    out: dict[str, Value] = {}
+
+    def where(key: str) -> str:
+        return f"{path}:{lines[key]}" if key in lines else str(path)
+
+    def visit(table: Mapping[str, Any], prefix: str) -> None:
+        for name, value in table.items():
+            key = f"{prefix}{name}"
+            if key in SETTINGS:
+                out[key] = Value(value, where(key))
+            elif isinstance(value, dict) and any(k.startswith(key + ".") for k in SETTINGS):
+                visit(value, key + ".")
+            else:
+                section = prefix.rstrip(".")
+                known = sorted(k.removeprefix(prefix) for k in SETTINGS if k.startswith(prefix))
+                known_text = ", ".join(k for k in known if "." not in k) if section else ", ".join(
+                    sorted({k.split(".")[0] for k in SETTINGS})
+                )
+                raise ConfigError(
+                    key, where(key),
+                    f"unknown key; known in [{section or 'top level'}]: {known_text}",
+                )
+
+    visit(data, "")
+    return out
+
+
+def _env_layer(environ: Mapping[str, str], source: Callable[[str], str]) -> dict[str, Value]:
+    out: dict[str, Value] = {}
+    for key, s in SETTINGS.items():
+        if s.meta.env and s.meta.env in environ:
+            out[key] = Value(environ[s.meta.env], source(s.meta.env))
+    if "MARKETD_COMPONENTS" in environ:
+        raw = environ["MARKETD_COMPONENTS"]
+        names = {n.strip().lower() for n in raw.split(",") if n.strip()}
+        unknown = names - set(COMPONENTS) - {"all"}
+        where = source("MARKETD_COMPONENTS")
+        if unknown or not names:
+            raise ConfigError(
+                "components", where,
+                f"{raw!r}: comma-separated subset of {', '.join(COMPONENTS)} (or all)",
+            )
+        for name in COMPONENTS:
+            out[f"components.{name}"] = Value("all" in names or name in names, where)
+    return out
+
+
+def _read_dotenv(path: Path) -> tuple[dict[str, str], dict[str, int]]:
+    from dotenv import dotenv_values
+
+    values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    lines: dict[str, int] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        m = re.match(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", line)
+        if m:
+            lines[m.group(1)] = lineno
+    return values, lines
+
+
+@attrs.frozen
+class LoadedConfig:
+    config: Config
+    sources: dict[str, Value]  # every key, with its effective value and where it came from
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Value] | None = None,
+    dotenv: str | Path | None = ".env",
+) -> LoadedConfig:
+    """Merge defaults < TOML < .env < environment < overrides into a validated Config."""
+    environ = os.environ if environ is None else environ
+    layers: list[dict[str, Value]] = []
+    if path is not None:
+        layers.append(_toml_layer(Path(path)))
+    if dotenv is not None and Path(dotenv).is_file():
+        dotenv_path = Path(dotenv)
+        values, lines = _read_dotenv(dotenv_path)
+        layers.append(
+            _env_layer(values, lambda var: f"{dotenv_path}:{lines.get(var, '?')} ({var})")
+        )
+    layers.append(_env_layer(environ, lambda var: f"env {var}"))
+    if overrides:
+        for key in overrides:
+            if key not in SETTINGS:
+                raise ConfigError(key, overrides[key].source, "unknown setting")
+        layers.append(dict(overrides))
+
+    merged: dict[str, Value] = {k: Value(s.default, "default") for k, s in SETTINGS.items()}
+    for layer in layers:
+        for key, raw in layer.items():
+            s = SETTINGS[key]
+            from_text = raw.source.startswith(("env ", "cli ")) or ".env" in raw.source
+            try:
+                value = _validate(s, _coerce(s, raw.value, from_text))
+            except ValueError as exc:
+                shown = raw.value if not s.meta.secret else redact_value(key, raw.value)
+                raise ConfigError(key, raw.source, f"{shown!r}: {exc}") from None
+            if key in _DICT_SETTINGS and key != "binance.silence_timeout_s":
+                # Passthrough tables merge key by key across layers.
+                value = {**merged[key].value, **value} if merged[key].source != "default" else value
+            if key == "binance.silence_timeout_s":
+                value = {**merged[key].value, **value}
+            merged[key] = Value(value, raw.source)
+    _cross_checks(merged)
+    return LoadedConfig(_structure(merged), merged)
+
+
+def _cross_checks(merged: Mapping[str, Value]) -> None:
+    if not any(merged[f"components.{n}"].value for n in COMPONENTS):
+        raise ConfigError("components", merged["components.ingest"].source, "no component enabled")
+    sup = merged["supervisor.backoff_max_s"]
+    if sup.value < merged["supervisor.backoff_initial_s"].value:
+        raise ConfigError("supervisor.backoff_max_s", sup.source, "must be >= backoff_initial_s")
+
+
+_converter = cattrs.Converter(detailed_validation=False)
+
+
+def _structure(merged: Mapping[str, Value]) -> Config:
+    nested: dict[str, Any] = {}
+    for key, v in merged.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = v.value
+    return _converter.structure(nested, Config)
+
+
+# -- presenting --------------------------------------------------------------------------------------
+
+_SECRET_KEY_RE = re.compile(r"(password|secret|sasl\.jaas|private|token|credentials?)", re.I)
+
+
+def redact_value(key: str, value: Any) -> Any:
+    """Hide secrets: passwords in passthrough tables and in URLs."""
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET_KEY_RE.search(k) else v) for k, v in value.items()}
+    if isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        if parts.password:
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            user = parts.username or ""
+            return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return value
+
+
+def render_config(loaded: LoadedConfig) -> str:
+    """`marketd config show`: every key, its effective value (secrets redacted), and its source."""
+    import json
+
+    lines = []
+    width = max(len(k) for k in loaded.sources)
+    for key in sorted(loaded.sources):
+        v = loaded.sources[key]
+        shown = redact_value(key, v.value)
+        if isinstance(shown, tuple):
+            shown = list(shown)
+        lines.append(f"{key:<{width}} = {json.dumps(shown, ensure_ascii=False)}  # {v.source}")
+    return "\n".join(lines)
+
+
+def env_names() -> dict[str, str]:
+    """env var -> dotted key, for docs and for the compose/Dockerfile checks."""
+    names = {s.meta.env: k for k, s in SETTINGS.items() if s.meta.env}
+    names["MARKETD_COMPONENTS"] = "components"
+    return names

@@ -1,0 +1,149 @@
+"""The daemon: one trio nursery of supervised components, started downstream-first.
+
+Resolves the embedded Kafka mock cluster and the embedded redis-server when configured, starts
+the API, the ticker consumer and the ingest pipeline (those enabled), and owns the signals:
+the first SIGINT/SIGTERM sets `rt.draining` (every component stops taking input and drains), a
+second signal or the drain deadline cancels everything. Returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import trio
+
+from marketd.config import Config
+from marketd.errors import FatalComponentError, MissingDependency
+from marketd.kafka.client import EMBEDDED, EmbeddedCluster
+from marketd.logs import get_logger
+from marketd.metrics import MetricsFactory
+from marketd.runtime import Runtime
+from marketd.supervise import supervise
+
+log = get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+
+def _components(cfg: Config) -> list[tuple[str, Callable[..., Awaitable[None]]]]:
+    """Enabled components, downstream first: nothing produces into a stage that is not ready."""
+    out: list[tuple[str, Callable[..., Awaitable[None]]]] = []
+    if cfg.components.api:
+        from marketd.api.server import run_api
+
+        out.append(("api", run_api))
+    if cfg.components.tickers:
+        from marketd.tickers.consume import run_tickers
+
+        out.append(("tickers", run_tickers))
+    if cfg.components.ingest:
+        from marketd.ingest.pipeline import run_ingest
+
+        out.append(("ingest", run_ingest))
+    return out
+
+
+@asynccontextmanager
+async def _kafka(cfg: Config) -> AsyncIterator[str]:
+    if cfg.kafka.bootstrap_servers.strip().lower() != EMBEDDED:
+        yield cfg.kafka.bootstrap_servers
+        return
+    cluster = await trio.to_thread.run_sync(EmbeddedCluster)
+    log.warning(
+        "kafka.embedded_started", bootstrap_servers=cluster.bootstrap_servers,
+        note="librdkafka mock cluster: in-process, ephemeral, a few MB per partition; "
+        "other clients can connect to this address while marketd runs",
+    )
+    try:
+        yield cluster.bootstrap_servers
+    finally:
+        cluster.close()
+
+
+@asynccontextmanager
+async def _redis(cfg: Config) -> AsyncIterator[str | None]:
+    needed = cfg.components.tickers or cfg.components.api
+    if not needed:
+        yield None
+        return
+    if cfg.redis.url != "embedded":
+        yield cfg.redis.url
+        return
+    from marketd.tickers.redis_server import embedded_redis
+
+    async with embedded_redis() as url:
+        yield url
+
+
+async def _watch_signals(
+    rt: Runtime, everything: trio.CancelScope, outcome: dict[str, int],
+    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            log.info("daemon.draining", signal=name, deadline_s=rt.config.shutdown.drain_timeout_s,
+                     detail="second signal exits immediately")
+            _notify("STOPPING=1")
+            rt.draining.set()
+            break
+        with trio.move_on_after(rt.config.shutdown.drain_timeout_s) as deadline:
+            async for signum in signals:
+                log.warning("daemon.exit_now", signal=signal.Signals(signum).name)
+                outcome["code"] = EXIT_INTERRUPTED
+                everything.cancel()
+                return
+        if deadline.cancelled_caught:
+            log.error("daemon.drain_timeout", deadline_s=rt.config.shutdown.drain_timeout_s)
+            outcome["code"] = EXIT_FAILED
+            everything.cancel()
+
+
+def _notify(state: str) -> None:
+    try:
+        from marketd import sdnotify
+    except ImportError:
+        return
+    sdnotify.notify(state)
+
+
+async def run_daemon(cfg: Config, *, metrics: MetricsFactory | None = None) -> int:
+    metrics = metrics or MetricsFactory()
+    outcome = {"code": EXIT_OK}
+    components = _components(cfg)
+    try:
+        async with AsyncExitStack() as stack:
+            kafka = await stack.enter_async_context(_kafka(cfg))
+            redis_url = await stack.enter_async_context(_redis(cfg))
+            rt = Runtime(cfg, metrics, kafka, redis_url)
+            info = metrics.gauge("info", "static facts about this process", ["components", "shard"])
+            info.labels(",".join(n for n, _ in components), cfg.ingest.shard).set(1)
+            async with trio.open_nursery() as outer:
+                await outer.start(_watch_signals, rt, outer.cancel_scope, outcome)
+                async with trio.open_nursery() as nursery:
+                    for name, component in components:
+                        await nursery.start(supervise, name, component, rt, cfg.supervisor)
+                    log.info("daemon.started", components=",".join(n for n, _ in components),
+                             kafka=kafka, redis=_safe(redis_url))
+                    _notify("READY=1")
+                outer.cancel_scope.cancel()  # components are done: stop watching signals
+    except* FatalComponentError as group:
+        log.error("daemon.exit", reason=str(group.exceptions[0]))
+        return EXIT_FAILED
+    except* MissingDependency as group:
+        log.error("daemon.exit", reason=str(group.exceptions[0]))
+        return EXIT_FAILED
+    log.info("daemon.stopped", exit_code=outcome["code"])
+    return outcome["code"]
+
+
+def _safe(url: str | None) -> str | None:
+    from marketd.config import redact_value
+
+    return redact_value("redis.url", url) if url else url
