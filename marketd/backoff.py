@@ -21,7 +21,8 @@ class Backoff:
 
     def ceiling(self) -> float:
         # Bounded exponent: 2**attempt never overflows however long an outage lasts.
-        return min(self.cap_s, self.initial_s * 2 ** min(self.attempt, 62))
+        growth: float = 2.0 ** min(self.attempt, 62)
+        return min(self.cap_s, self.initial_s * growth)
 
     def delay(self) -> float:
         ceiling = self.ceiling()

@@ -36,9 +36,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Value]:
         names = {n.strip().lower() for n in args.components.split(",") if n.strip()}
         unknown = names - set(COMPONENTS) - {"all"}
         if unknown or not names:
-            raise ConfigError("components", "cli --components",
-                              f"{args.components!r}: comma-separated subset of "
-                              f"{', '.join(COMPONENTS)} (or all)")
+            raise ConfigError(
+                "components",
+                "cli --components",
+                f"{args.components!r}: comma-separated subset of {', '.join(COMPONENTS)} (or all)",
+            )
         for name in COMPONENTS:
             out[f"components.{name}"] = Value("all" in names or name in names, "cli --components")
     for item in getattr(args, "set", None) or []:
@@ -101,7 +103,8 @@ def _unavailable(name: str, exc: BaseException) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="marketd", description="Real-time Binance market data: WebSocket -> Kafka -> Redis -> HTTP."
+        prog="marketd",
+        description="Real-time Binance market data: WebSocket -> Kafka -> Redis -> HTTP.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -110,40 +113,78 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", metavar="K/N", help="take shard K of N of the stream list")
     run.add_argument("--components", metavar="LIST", help="subset of ingest,tickers,api")
     run.add_argument("--streams", metavar="LIST", help="comma-separated streams (overrides config)")
-    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info",
-                                             "warning", "error"])
+    run.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
+    )
     run.add_argument("--log-format", choices=["text", "json"])
-    run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override any setting, e.g. --set batch.size=500 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any setting, e.g. --set batch.size=500 (repeatable)",
+    )
     run.set_defaults(func=_cmd_run)
 
     config = sub.add_parser("config", help="inspect the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = config_sub.add_parser("show", help="effective configuration and where each value came from")
+    show = config_sub.add_parser(
+        "show", help="effective configuration and where each value came from"
+    )
     _add_config(show)
     show.add_argument("--set", action="append", metavar="KEY=VALUE")
     show.set_defaults(func=_cmd_config_show)
 
-    _optional_parser(sub, "fake-exchange", "a Binance-compatible fake exchange for offline use",
-                     "marketd.testing.fake_exchange", "add_arguments", "main")
+    _optional_parser(
+        sub,
+        "fake-exchange",
+        "a Binance-compatible fake exchange for offline use",
+        "marketd.testing.fake_exchange",
+        "add_arguments",
+        "main",
+    )
 
     topics = sub.add_parser("topics", help="Kafka topics")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
-    _optional_parser(topics_sub, "create", "create marketd's topics", "marketd.kafka.topics",
-                     "add_arguments", "main")
+    _optional_parser(
+        topics_sub,
+        "create",
+        "create marketd's topics",
+        "marketd.kafka.topics",
+        "add_arguments",
+        "main",
+    )
 
-    _optional_parser(sub, "health", "exit 0 if the local API reports ready (/readyz)",
-                     "marketd.checks", "add_health_arguments", "health_main")
+    _optional_parser(
+        sub,
+        "health",
+        "exit 0 if the local API reports ready (/readyz)",
+        "marketd.checks",
+        "add_health_arguments",
+        "health_main",
+    )
 
     check = sub.add_parser("check", help="operator checks (for monitoring)")
     check_sub = check.add_subparsers(dest="check_command", required=True, metavar="WHAT")
-    _optional_parser(check_sub, "tickers", "ticker freshness in Redis, Redis and Kafka health",
-                     "marketd.checks", "add_check_arguments", "check_tickers_main")
+    _optional_parser(
+        check_sub,
+        "tickers",
+        "ticker freshness in Redis, Redis and Kafka health",
+        "marketd.checks",
+        "add_check_arguments",
+        "check_tickers_main",
+    )
 
     verify = sub.add_parser("verify", help="prove the data in Kafka")
     verify_sub = verify.add_subparsers(dest="verify_command", required=True, metavar="WHAT")
-    _optional_parser(verify_sub, "tape", "trade tape: gaps and duplicates per symbol",
-                     "marketd.verify", "add_arguments", "main")
+    _optional_parser(
+        verify_sub,
+        "tape",
+        "trade tape: gaps and duplicates per symbol",
+        "marketd.verify",
+        "add_arguments",
+        "main",
+    )
     return parser
 
 

@@ -8,6 +8,7 @@ raises ConfigError naming the key, its source (file:line or the variable) and wh
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -24,7 +25,7 @@ from marketd.ingest.streams import ROUTED_KINDS, Shard, parse_streams
 
 T = TypeVar("T")
 
-# -- setting declarations ------------------------------------------------------------------------
+# -- setting declarations -------------------------------------------------------------------------
 
 _META = "marketd"
 
@@ -47,12 +48,11 @@ def setting(
 ) -> Any:
     """Declare one setting: its default, env var, help line and check (raises ValueError)."""
     meta = {_META: _Meta(env, help, check, secret)}
-    if isinstance(default, dict | list | tuple):
-        frozen = tuple(default) if isinstance(default, list) else default
-        factory: Callable[[], Any] = (lambda d=frozen: dict(d)) if isinstance(frozen, dict) else (
-            lambda d=frozen: d
-        )
-        return attrs.field(factory=factory, metadata=meta)
+    if isinstance(default, dict):
+        # A fresh copy per instance: a mutable default must never be shared.
+        return attrs.field(factory=functools.partial(dict, default), metadata=meta)
+    if isinstance(default, list | tuple):
+        return attrs.field(default=tuple(default), metadata=meta)
     return attrs.field(default=default, metadata=meta)
 
 
@@ -141,7 +141,9 @@ def _check_routes(value: Any) -> Any:
     known = {k.value for k in ROUTED_KINDS}
     for kind, topic in value.items():
         if kind not in known:
-            raise ValueError(f"unknown stream kind {kind!r}; routable kinds: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown stream kind {kind!r}; routable kinds: {', '.join(sorted(known))}"
+            )
         _check_topic(topic)
     return value
 
@@ -175,63 +177,100 @@ DEFAULT_ROUTES = {
 }
 COMPONENTS = ("ingest", "tickers", "api")
 
-# -- the configuration tree ------------------------------------------------------------------------
+# -- the configuration tree -----------------------------------------------------------------------
 
 
 @attrs.frozen
 class BinanceConfig:
     ws_url: str = setting(
-        "wss://stream.binance.com:9443/stream", env="BINANCE_WS_URL", check=_check_ws_url,
+        "wss://stream.binance.com:9443/stream",
+        env="BINANCE_WS_URL",
+        check=_check_ws_url,
         help="WebSocket endpoint for combined streams (/stream)",
     )
     streams: tuple[str, ...] = setting(
-        DEFAULT_STREAMS, env="BINANCE_STREAMS", check=_check_streams,
+        DEFAULT_STREAMS,
+        env="BINANCE_STREAMS",
+        check=_check_streams,
         help="streams to ingest (comma-separated in the env var)",
     )
     rest_url: str = setting(
-        "https://api.binance.com", env="BINANCE_REST_URL", check=_check_http_url,
+        "https://api.binance.com",
+        env="BINANCE_REST_URL",
+        check=_check_http_url,
         help="REST base URL for backfill",
     )
     ping_interval_s: float = setting(
-        180.0, env="PING_INTERVAL_SECONDS", check=_positive, help="our keepalive ping interval",
+        180.0,
+        env="PING_INTERVAL_SECONDS",
+        check=_positive,
+        help="our keepalive ping interval",
     )
     pong_timeout_s: float = setting(
-        20.0, check=_positive, help="a ping unanswered this long marks the connection dead",
+        20.0,
+        check=_positive,
+        help="a ping unanswered this long marks the connection dead",
     )
     reconnect_max_delay_s: float = setting(
-        60.0, env="RECONNECT_MAX_DELAY_SECONDS", check=_positive, help="cap of the reconnect backoff",
+        60.0,
+        env="RECONNECT_MAX_DELAY_SECONDS",
+        check=_positive,
+        help="cap of the reconnect backoff",
     )
     reconnect_initial_delay_s: float = setting(0.5, check=_positive, help="first reconnect delay")
     healthy_after_s: float = setting(
-        60.0, check=_positive, help="a connection up this long resets the reconnect backoff",
+        60.0,
+        check=_positive,
+        help="a connection up this long resets the reconnect backoff",
     )
     connection_timeout_s: float = setting(
-        10.0, env="WS_CONNECTION_TIMEOUT", check=_positive, help="connect + handshake timeout",
+        10.0,
+        env="WS_CONNECTION_TIMEOUT",
+        check=_positive,
+        help="connect + handshake timeout",
     )
     max_frame_bytes: int = setting(
-        1_048_576, env="BINANCE_MAX_FRAME_BYTES", check=_at_least(1024),
+        1_048_576,
+        env="BINANCE_MAX_FRAME_BYTES",
+        check=_at_least(1024),
         help="largest frame accepted; larger ones are dead-lettered (truncated)",
     )
     max_streams_per_connection: int = setting(
-        1024, check=_one_to(1024), help="streams per connection (Binance allows 1024)",
+        1024,
+        check=_one_to(1024),
+        help="streams per connection (Binance allows 1024)",
     )
     silence_timeout_s: dict[str, float] = setting(
-        {"kline": 30.0, "ticker": 30.0, "miniTicker": 30.0, "rollingTicker": 30.0,
-         "avgPrice": 30.0, "bookTicker": 300.0, "trade": 0.0, "aggTrade": 0.0},
+        {
+            "kline": 30.0,
+            "ticker": 30.0,
+            "miniTicker": 30.0,
+            "rollingTicker": 30.0,
+            "avgPrice": 30.0,
+            "bookTicker": 300.0,
+            "trade": 0.0,
+            "aggTrade": 0.0,
+        },
         help="per stream kind: no data for this long marks a connection dead (0 = quiet is normal)",
     )
     subscribe_rate_per_s: float = setting(
-        4.0, check=_positive, help="control messages per second per connection (Binance: 5)",
+        4.0,
+        check=_positive,
+        help="control messages per second per connection (Binance: 5)",
     )
     connect_attempts_per_5min: int = setting(
-        250, check=_at_least(1), help="connection attempts per 5 minutes per IP (Binance: 300)",
+        250,
+        check=_at_least(1),
+        help="connection attempts per 5 minutes per IP (Binance: 300)",
     )
     backpressure_close_s: float = setting(
-        40.0, check=_positive,
-        help="a reader blocked this long by a slow pipeline closes and reconnects (pong deadline 60 s)",
+        40.0,
+        check=_positive,
+        help="a reader blocked this long by a slow pipeline reconnects (Binance: pongs within 60 s)",
     )
     time_unit: str = setting(
-        "MILLISECOND", check=_one_of("MILLISECOND", "MICROSECOND"),
+        "MILLISECOND",
+        check=_one_of("MILLISECOND", "MICROSECOND"),
         help="stream time unit; MICROSECOND streams are normalised to ms",
     )
 
@@ -239,23 +278,32 @@ class BinanceConfig:
 @attrs.frozen
 class KafkaConfig:
     bootstrap_servers: str = setting(
-        "localhost:9092", env="KAFKA_BOOTSTRAP_SERVERS", check=_check_bootstrap,
+        "localhost:9092",
+        env="KAFKA_BOOTSTRAP_SERVERS",
+        check=_check_bootstrap,
         help="brokers, or 'embedded' for librdkafka's in-process mock cluster (ephemeral)",
     )
     compression: str = setting(
-        "snappy", env="KAFKA_COMPRESSION", check=_one_of("snappy", "gzip", "lz4", "zstd", "none"),
+        "snappy",
+        env="KAFKA_COMPRESSION",
+        check=_one_of("snappy", "gzip", "lz4", "zstd", "none"),
         help="producer compression",
     )
     acks: str = setting("1", env="KAFKA_ACKS", check=_one_of("0", "1", "all"), help="producer acks")
     linger_ms: float = setting(
-        1.0, check=_at_least(0), help="producer linger; low keeps receipt->ack latency low",
+        1.0,
+        check=_at_least(0),
+        help="producer linger; low keeps receipt->ack latency low",
     )
     idempotence: bool = setting(True, help="idempotent producer (no duplicates on retry)")
     flush_timeout_s: float = setting(
-        10.0, check=_positive, help="bound on the final flush at shutdown",
+        10.0,
+        check=_positive,
+        help="bound on the final flush at shutdown",
     )
     producer: dict[str, str] = setting(
-        {}, help="extra librdkafka producer properties (security.protocol, sasl.*, ssl.*, ...)",
+        {},
+        help="extra librdkafka producer properties (security.protocol, sasl.*, ssl.*, ...)",
     )
     consumer: dict[str, str] = setting({}, help="extra librdkafka consumer properties")
 
@@ -273,10 +321,15 @@ class TopicsConfig:
 class BatchConfig:
     size: int = setting(100, env="BATCH_SIZE", check=_at_least(1), help="max messages per batch")
     timeout_ms: float = setting(
-        100.0, env="BATCH_TIMEOUT_MS", check=_positive, help="max age of a batch",
+        100.0,
+        env="BATCH_TIMEOUT_MS",
+        check=_positive,
+        help="max age of a batch",
     )
     check_interval_ms: float = setting(
-        10.0, env="BATCH_CHECK_INTERVAL_MS", check=_positive,
+        10.0,
+        env="BATCH_CHECK_INTERVAL_MS",
+        check=_positive,
         help="granularity of the age check (deadlines are rounded up to it)",
     )
 
@@ -284,18 +337,28 @@ class BatchConfig:
 @attrs.frozen
 class DlqConfig:
     max_raw_bytes: int = setting(
-        8192, check=_at_least(64), help="a dead-lettered frame is truncated to this many bytes",
+        8192,
+        check=_at_least(64),
+        help="a dead-lettered frame is truncated to this many bytes",
     )
 
 
 @attrs.frozen
 class IngestConfig:
-    shard: str = setting("1/1", env="MARKETD_SHARD", check=_check_shard,
-                         help="this instance's slice of the streams, K/N")
-    frame_buffer: int = setting(
-        8192, check=_at_least(1), help="frames buffered between the WebSocket and the decoder",
+    shard: str = setting(
+        "1/1",
+        env="MARKETD_SHARD",
+        check=_check_shard,
+        help="this instance's slice of the streams, K/N",
     )
-    record_buffer: int = setting(64, check=_at_least(1), help="decoded chunks buffered before batching")
+    frame_buffer: int = setting(
+        8192,
+        check=_at_least(1),
+        help="frames buffered between the WebSocket and the decoder",
+    )
+    record_buffer: int = setting(
+        64, check=_at_least(1), help="decoded chunks buffered before batching"
+    )
     batch_buffer: int = setting(16, check=_at_least(1), help="batches buffered before the producer")
 
 
@@ -304,27 +367,39 @@ class TickersConfig:
     topic: str = setting("raw_tickers", env="KAFKA_TICKER_TOPIC", check=_check_topic)
     group: str = setting("ticker-consumer-group", env="TICKER_CONSUMER_GROUP")
     symbols: tuple[str, ...] = setting(
-        DEFAULT_TICKER_SYMBOLS, env="TICKER_SYMBOLS", check=_check_symbols,
+        DEFAULT_TICKER_SYMBOLS,
+        env="TICKER_SYMBOLS",
+        check=_check_symbols,
         help="symbols stored in Redis (case-insensitive)",
     )
     ttl_s: int = setting(60, env="TICKER_TTL_SECONDS", check=_at_least(1), help="Redis TTL")
     watermark_delay_ms: int = setting(
-        10_000, env="TICKER_WATERMARK_DELAY_MS", check=_at_least(0),
+        10_000,
+        env="TICKER_WATERMARK_DELAY_MS",
+        check=_at_least(0),
         help="reject tickers older than now - this",
     )
     max_future_ms: int = setting(
-        5_000, env="TICKER_MAX_FUTURE_MS", check=_at_least(0),
+        5_000,
+        env="TICKER_MAX_FUTURE_MS",
+        check=_at_least(0),
         help="reject tickers further than this in the future",
     )
     stale_s: float = setting(
-        30.0, env="TICKER_STALE_SECONDS", check=_positive, help="age after which a ticker is stale",
+        30.0,
+        env="TICKER_STALE_SECONDS",
+        check=_positive,
+        help="age after which a ticker is stale",
     )
 
 
 @attrs.frozen
 class RedisConfig:
     url: str = setting(
-        "redis://localhost:6379/0", env="REDIS_URL", check=_check_redis_url, secret=True,
+        "redis://localhost:6379/0",
+        env="REDIS_URL",
+        check=_check_redis_url,
+        secret=True,
         help="redis://, rediss:// or 'embedded' (a private redis-server child process)",
     )
 
@@ -348,7 +423,9 @@ class ComponentsConfig:
 @attrs.frozen
 class LogConfig:
     level: str = setting(
-        "INFO", env="LOG_LEVEL", check=_one_of("DEBUG", "INFO", "WARNING", "ERROR"),
+        "INFO",
+        env="LOG_LEVEL",
+        check=_one_of("DEBUG", "INFO", "WARNING", "ERROR"),
     )
     format: str = setting("text", env="LOG_FORMAT", check=_one_of("text", "json"))
 
@@ -356,7 +433,9 @@ class LogConfig:
 @attrs.frozen
 class SupervisorConfig:
     max_failures: int = setting(
-        5, check=_at_least(1), help="failures within failure_window_s before the process exits 1",
+        5,
+        check=_at_least(1),
+        help="failures within failure_window_s before the process exits 1",
     )
     failure_window_s: float = setting(300.0, check=_positive)
     backoff_initial_s: float = setting(0.5, check=_positive)
@@ -366,15 +445,19 @@ class SupervisorConfig:
 @attrs.frozen
 class ShutdownConfig:
     drain_timeout_s: float = setting(
-        15.0, check=_positive, help="graceful drain + flush bound; past it everything is cancelled",
+        15.0,
+        check=_positive,
+        help="graceful drain + flush bound; past it everything is cancelled",
     )
 
 
 @attrs.frozen
 class AnalyticsConfig:
     postgres_dsn: str = setting(
-        "", env="POSTGRES_DSN", secret=True,
-        help="PostgreSQL warm storage for the market/analytics API ('' = those endpoints answer 503)",
+        "",
+        env="POSTGRES_DSN",
+        secret=True,
+        help="PostgreSQL for the market/analytics API ('' = those endpoints answer 503)",
     )
     redis_prefix: str = setting("analytics", help="key prefix of the Spark jobs' Redis sink")
 
@@ -383,15 +466,21 @@ class AnalyticsConfig:
 class SpoolConfig:
     dir: str = setting("spool", env="SPOOL_DIR", help="on-disk spool for a Kafka outage")
     max_bytes: int = setting(
-        1 << 30, env="SPOOL_MAX_BYTES", check=_at_least(1 << 20),
+        1 << 30,
+        env="SPOOL_MAX_BYTES",
+        check=_at_least(1 << 20),
         help="spool size cap; when full the WebSocket gets backpressure (and backfill repairs)",
     )
     segment_bytes: int = setting(64 << 20, check=_at_least(1 << 16), help="spool segment size")
     outage_after_s: float = setting(
-        5.0, check=_positive, help="undelivered this long (or local queue past the threshold) = outage",
+        5.0,
+        check=_positive,
+        help="undelivered this long (or local queue past the threshold) = outage",
     )
     queue_threshold: float = setting(
-        0.5, check=_positive, help="fraction of the producer's local queue that triggers spooling",
+        0.5,
+        check=_positive,
+        help="fraction of the producer's local queue that triggers spooling",
     )
 
 
@@ -400,10 +489,14 @@ class BackfillConfig:
     enabled: bool = setting(True, env="BACKFILL_ENABLED", help="repair trade/kline gaps over REST")
     use_agg_trades: bool = setting(False, help="backfill aggTrade streams from /api/v3/aggTrades")
     weight_budget_per_min: int = setting(
-        4800, check=_at_least(1), help="REST request weight we allow ourselves (Binance: 6000)",
+        4800,
+        check=_at_least(1),
+        help="REST request weight we allow ourselves (Binance: 6000)",
     )
     give_up_after_s: float = setting(
-        300.0, check=_positive, help="REST unavailable this long: publish the gap as unrepaired",
+        300.0,
+        check=_positive,
+        help="REST unavailable this long: publish the gap as unrepaired",
     )
     request_timeout_s: float = setting(10.0, check=_positive)
 
@@ -411,11 +504,15 @@ class BackfillConfig:
 @attrs.frozen
 class RotationConfig:
     max_age_s: float = setting(
-        23 * 3600.0, check=_positive, help="open a replacement before Binance's 24 h disconnect",
+        23 * 3600.0,
+        check=_positive,
+        help="open a replacement before Binance's 24 h disconnect",
     )
     jitter_s: float = setting(1800.0, check=_at_least(0), help="spread of rotations across shards")
     overlap_timeout_s: float = setting(
-        30.0, check=_positive, help="how long a replacement may take to deliver before switching",
+        30.0,
+        check=_positive,
+        help="how long a replacement may take to deliver before switching",
     )
 
 
@@ -425,7 +522,8 @@ class Config:
     kafka: KafkaConfig = attrs.field(factory=KafkaConfig)
     topics: TopicsConfig = attrs.field(factory=TopicsConfig)
     routes: dict[str, str] = setting(
-        DEFAULT_ROUTES, check=_check_routes,
+        DEFAULT_ROUTES,
+        check=_check_routes,
         help="topic per extra stream kind (trade, kline and ticker use [topics])",
     )
     batch: BatchConfig = attrs.field(factory=BatchConfig)
@@ -451,7 +549,7 @@ class Config:
         return self.routes.get(kind, DEFAULT_ROUTES[kind])
 
 
-# -- walking the declarations ----------------------------------------------------------------------
+# -- walking the declarations ---------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -470,9 +568,8 @@ def _walk(cls: type, prefix: str = "") -> Iterator[Setting]:
         if attrs.has(tp):
             yield from _walk(tp, key + ".")
             continue
-        default = field.default.factory() if isinstance(field.default, attrs.Factory) else (  # type: ignore[attr-defined]
-            field.default
-        )
+        factory = getattr(field.default, "factory", None)
+        default = factory() if callable(factory) else field.default
         yield Setting(key, tp, default, field.metadata[_META])
 
 
@@ -552,7 +649,7 @@ def _validate(setting: Setting, value: Any) -> Any:
     return value
 
 
-# -- layers ----------------------------------------------------------------------------------------
+# -- layers ---------------------------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -604,11 +701,14 @@ def _toml_layer(path: Path) -> dict[str, Value]:
             else:
                 section = prefix.rstrip(".")
                 known = sorted(k.removeprefix(prefix) for k in SETTINGS if k.startswith(prefix))
-                known_text = ", ".join(k for k in known if "." not in k) if section else ", ".join(
-                    sorted({k.split(".")[0] for k in SETTINGS})
+                known_text = (
+                    ", ".join(k for k in known if "." not in k)
+                    if section
+                    else ", ".join(sorted({k.split(".")[0] for k in SETTINGS}))
                 )
                 raise ConfigError(
-                    key, where(key),
+                    key,
+                    where(key),
                     f"unknown key; known in [{section or 'top level'}]: {known_text}",
                 )
 
@@ -628,7 +728,8 @@ def _env_layer(environ: Mapping[str, str], source: Callable[[str], str]) -> dict
         where = source("MARKETD_COMPONENTS")
         if unknown or not names:
             raise ConfigError(
-                "components", where,
+                "components",
+                where,
                 f"{raw!r}: comma-separated subset of {', '.join(COMPONENTS)} (or all)",
             )
         for name in COMPONENTS:
@@ -721,7 +822,7 @@ def _structure(merged: Mapping[str, Value]) -> Config:
     return _converter.structure(nested, Config)
 
 
-# -- presenting --------------------------------------------------------------------------------------
+# -- presenting -----------------------------------------------------------------------------------
 
 _SECRET_KEY_RE = re.compile(r"(password|secret|sasl\.jaas|private|token|credentials?)", re.I)
 

@@ -8,6 +8,7 @@ second signal or the drain deadline cancels everything. Returns the process exit
 
 from __future__ import annotations
 
+import importlib
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -55,7 +56,8 @@ async def _kafka(cfg: Config) -> AsyncIterator[str]:
         return
     cluster = await trio.to_thread.run_sync(EmbeddedCluster)
     log.warning(
-        "kafka.embedded_started", bootstrap_servers=cluster.bootstrap_servers,
+        "kafka.embedded_started",
+        bootstrap_servers=cluster.bootstrap_servers,
         note="librdkafka mock cluster: in-process, ephemeral, a few MB per partition; "
         "other clients can connect to this address while marketd runs",
     )
@@ -81,15 +83,22 @@ async def _redis(cfg: Config) -> AsyncIterator[str | None]:
 
 
 async def _watch_signals(
-    rt: Runtime, everything: trio.CancelScope, outcome: dict[str, int],
-    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    rt: Runtime,
+    everything: trio.CancelScope,
+    outcome: dict[str, int],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
-            log.info("daemon.draining", signal=name, deadline_s=rt.config.shutdown.drain_timeout_s,
-                     detail="second signal exits immediately")
+            log.info(
+                "daemon.draining",
+                signal=name,
+                deadline_s=rt.config.shutdown.drain_timeout_s,
+                detail="second signal exits immediately",
+            )
             _notify("STOPPING=1")
             rt.draining.set()
             break
@@ -106,8 +115,9 @@ async def _watch_signals(
 
 
 def _notify(state: str) -> None:
+    """systemd readiness (Type=notify), when the sdnotify helper is part of this build."""
     try:
-        from marketd import sdnotify
+        sdnotify = importlib.import_module("marketd.sdnotify")
     except ImportError:
         return
     sdnotify.notify(state)
@@ -129,16 +139,17 @@ async def run_daemon(cfg: Config, *, metrics: MetricsFactory | None = None) -> i
                 async with trio.open_nursery() as nursery:
                     for name, component in components:
                         await nursery.start(supervise, name, component, rt, cfg.supervisor)
-                    log.info("daemon.started", components=",".join(n for n, _ in components),
-                             kafka=kafka, redis=_safe(redis_url))
+                    log.info(
+                        "daemon.started",
+                        components=",".join(n for n, _ in components),
+                        kafka=kafka,
+                        redis=_safe(redis_url),
+                    )
                     _notify("READY=1")
                 outer.cancel_scope.cancel()  # components are done: stop watching signals
-    except* FatalComponentError as group:
+    except* (FatalComponentError, MissingDependency) as group:
         log.error("daemon.exit", reason=str(group.exceptions[0]))
-        return EXIT_FAILED
-    except* MissingDependency as group:
-        log.error("daemon.exit", reason=str(group.exceptions[0]))
-        return EXIT_FAILED
+        outcome["code"] = EXIT_FAILED
     log.info("daemon.stopped", exit_code=outcome["code"])
     return outcome["code"]
 

@@ -60,8 +60,9 @@ class EventLogger:
 
     def _log(self, level: int, event: str, exc_info: Any, fields: dict[str, Any]) -> None:
         if self._logger.isEnabledFor(level):
-            self._logger.log(level, event, exc_info=exc_info, extra={"fields": fields},
-                             stacklevel=3)
+            self._logger.log(
+                level, event, exc_info=exc_info, extra={"fields": fields}, stacklevel=3
+            )
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, None, fields)

@@ -17,8 +17,24 @@ from prometheus_client.registry import Collector
 
 # Latency buckets in seconds: 100 µs .. 10 s, roughly x2 apart.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -59,7 +75,10 @@ class FastHistogram:
 
 class FastHistogramCollector(Collector):
     def __init__(
-        self, name: str, doc: str, labelnames: Sequence[str] = (),
+        self,
+        name: str,
+        doc: str,
+        labelnames: Sequence[str] = (),
         buckets: Sequence[float] = LATENCY_BUCKETS_S,
     ) -> None:
         self.name = name
@@ -102,7 +121,10 @@ class MetricsFactory:
         return Gauge(f"marketd_{name}", doc, labelnames=labels, registry=self.registry)
 
     def histogram(
-        self, name: str, doc: str, labels: Sequence[str] = (),
+        self,
+        name: str,
+        doc: str,
+        labels: Sequence[str] = (),
         buckets: Sequence[float] = LATENCY_BUCKETS_S,
     ) -> Histogram:
         return Histogram(
@@ -110,7 +132,10 @@ class MetricsFactory:
         )
 
     def fast_histogram(
-        self, name: str, doc: str, labels: Sequence[str] = (),
+        self,
+        name: str,
+        doc: str,
+        labels: Sequence[str] = (),
         buckets: Sequence[float] = LATENCY_BUCKETS_S,
     ) -> FastHistogramCollector:
         collector = FastHistogramCollector(f"marketd_{name}", doc, labels, buckets)

@@ -30,7 +30,9 @@ class Health:
 
     components: dict[str, ComponentHealth] = attrs.field(factory=dict)
 
-    def set(self, name: str, *, started: bool | None = None, healthy: bool, detail: str = "") -> None:
+    def set(
+        self, name: str, *, started: bool | None = None, healthy: bool, detail: str = ""
+    ) -> None:
         current = self.components.setdefault(name, ComponentHealth())
         changed = current.healthy != healthy or current.detail != detail
         if started is not None:

@@ -68,16 +68,26 @@ async def supervise(
             while failures and now - failures[0] > policy.failure_window_s:
                 failures.popleft()
             if len(failures) > policy.max_failures:
-                log.error("component.giving_up", component=name, failures=len(failures),
-                          window_s=policy.failure_window_s, exc_info=exc)
+                log.error(
+                    "component.giving_up",
+                    component=name,
+                    failures=len(failures),
+                    window_s=policy.failure_window_s,
+                    exc_info=exc,
+                )
                 raise FatalComponentError(
                     f"{name} failed {len(failures)} times in {policy.failure_window_s:g}s"
                 ) from exc
             if now - run_started > policy.failure_window_s:
                 backoff.reset()
             delay = backoff.delay()
-            log.error("component.failed", component=name, restart_in_s=round(delay, 3),
-                      failures=len(failures), exc_info=exc)
+            log.error(
+                "component.failed",
+                component=name,
+                restart_in_s=round(delay, 3),
+                failures=len(failures),
+                exc_info=exc,
+            )
             with trio.move_on_after(delay):
                 await rt.draining.wait()
             if rt.draining.is_set():

@@ -38,7 +38,7 @@ _SDEC = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 
 
 class Frame(NamedTuple):
-    """What the WebSocket source hands over: the frame, when it arrived, and from which connection."""
+    """What the WebSocket source hands over: the frame, when it arrived, from which connection."""
 
     data: str | bytes
     recv_ns: int  # time.time_ns() at receipt: ingested_at and the receipt->ack latency start
@@ -205,7 +205,7 @@ class Decoder:
         except ValueError as exc:  # the slow duplicate-key parse disagreeing with msgspec
             self._reject(frame, "bad_json", str(exc), stream, out)
 
-    # -- the steps ----------------------------------------------------------------------------------
+    # -- the steps --------------------------------------------------------------------------------
 
     def _decode(self, frame: Frame, out: list[Outgoing]) -> str | None:
         data = frame.data
@@ -227,7 +227,8 @@ class Decoder:
             raise Reject("bad_json", str(exc)) from None
 
         if env.stream is msgspec.UNSET:
-            return self._unwrapped(env, data, frame, out)
+            self._unwrapped(env, data, frame, out)
+            return None
         stream = env.stream
         if env.data is msgspec.UNSET:
             raise Reject("missing_field", "combined-stream frame without 'data'")
@@ -243,23 +244,23 @@ class Decoder:
         # {"error": {...}}, with id possibly null or absent (API-NOTES §3).
         if env.result is not msgspec.UNSET and env.id is not msgspec.UNSET:
             self._control("result", frame, f"id={env.id!r}")
-            return None
+            return
         if env.error is not msgspec.UNSET or (
             env.code is not msgspec.UNSET and env.msg is not msgspec.UNSET
         ):
             detail = self._error_detail(env)
             self._control("error", frame, detail, level="warning")
-            return None
+            return
         if env.e == "serverShutdown":
             self._control("server_shutdown", frame, "server announced shutdown")
-            return None
+            return
         if isinstance(env.e, str):
             # A raw-mode (/ws) event: infer its stream so it routes like a combined one.
             stream = _infer_stream(env.e, data)
             if stream is not None:
                 route = self._routes.get(stream) or self._route(stream)
                 self._payload(route, stream, msgspec.Raw(data.encode()), data, 0, frame, out)
-                return None
+                return
         raise Reject("unknown_frame", "neither a stream event nor a control reply")
 
     def _route(self, stream: str) -> _Route:
@@ -307,7 +308,7 @@ class Decoder:
             return
         json.loads(text, object_pairs_hook=_pairs_hook)
 
-    # -- payloads -----------------------------------------------------------------------------------
+    # -- payloads ---------------------------------------------------------------------------------
 
     def _payload(
         self,
@@ -615,7 +616,7 @@ class Decoder:
 _ARRAY_TYPES: dict[type[msgspec.Struct], Any] = {}
 
 
-def _ArrayOf(cls: type[msgspec.Struct]) -> Any:  # noqa: N802 - reads as a type
+def _ArrayOf(cls: type[msgspec.Struct]) -> Any:
     tp = _ARRAY_TYPES.get(cls)
     if tp is None:
         tp = _ARRAY_TYPES[cls] = list[cls]  # type: ignore[valid-type]

@@ -9,6 +9,9 @@ passed, which is logged with the count).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import trio
 
 from marketd.ingest.batch import Batch, BatchPolicy, run_batcher
@@ -65,7 +68,10 @@ def make_decoder(rt: Runtime) -> Decoder:
     cfg = rt.config
     m = rt.metrics
     topics = Topics(
-        cfg.topics.raw_trades, cfg.topics.raw_klines, cfg.topics.raw_tickers, cfg.topics.dlq,
+        cfg.topics.raw_trades,
+        cfg.topics.raw_klines,
+        cfg.topics.raw_tickers,
+        cfg.topics.dlq,
         {k: cfg.route_for(k) for k in cfg.routes},
     )
     return Decoder(
@@ -79,6 +85,10 @@ def make_decoder(rt: Runtime) -> Decoder:
     )
 
 
+def _buffered(channel: trio.MemorySendChannel[Any]) -> int:
+    return channel.statistics().current_buffer_used
+
+
 async def run_ingest(
     rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -86,8 +96,11 @@ async def run_ingest(
     specs = shard_streams(parse_streams(cfg.binance.streams), cfg.shard)
     connections = split_connections(specs, cfg.binance.max_streams_per_connection)
     if not connections:
-        log.warning("ingest.no_streams", shard=str(cfg.shard),
-                    detail="this shard owns none of the configured streams")
+        log.warning(
+            "ingest.no_streams",
+            shard=str(cfg.shard),
+            detail="this shard owns none of the configured streams",
+        )
     rt.health.set("ingest", started=False, healthy=False, detail="starting")
 
     stats = ProduceStats.create(rt.metrics)
@@ -105,8 +118,13 @@ async def run_ingest(
         cfg.batch.size, cfg.batch.timeout_ms / 1000, cfg.batch.check_interval_ms / 1000
     )
     fill = rt.metrics.gauge("channel_fill", "items buffered between stages", ["channel"])
-    for name, ch in (("frames", frames_tx), ("chunks", chunks_tx), ("batches", batches_tx)):
-        fill.labels(name).set_function(lambda ch=ch: ch.statistics().current_buffer_used)
+    channels: tuple[tuple[str, trio.MemorySendChannel[Any]], ...] = (
+        ("frames", frames_tx),
+        ("chunks", chunks_tx),
+        ("batches", batches_tx),
+    )
+    for name, ch in channels:
+        fill.labels(name).set_function(functools.partial(_buffered, ch))
     batch_sizes = rt.metrics.fast_histogram(
         "batch_size", "records per produced batch", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
     )
@@ -118,27 +136,42 @@ async def run_ingest(
     async with trio.open_nursery() as nursery:
         await nursery.start(run_producer, batches_rx, sink)
         await nursery.start(
-            lambda **kw: run_batcher(chunks_rx, batches_tx, policy, batch_sizes=batch_sizes, **kw)
+            functools.partial(run_batcher, batch_sizes=batch_sizes), chunks_rx, batches_tx, policy
         )
         await nursery.start(run_decoder, frames_rx, chunks_tx, make_decoder(rt))
-        async with frames_tx:
-            async with trio.open_nursery() as sources:
-                for conn_id, streams in enumerate(connections):
-                    sources.start_soon(
-                        run_connection, conn_id, streams, cfg.binance, frames_tx.clone(),
-                        attempts, source_metrics, stop_reading,
-                    )
-                rt.health.set("ingest", started=True, healthy=True,
-                              detail=f"{len(specs)} streams on {len(connections)} connections")
-                log.info("ingest.started", streams=len(specs), connections=len(connections),
-                         shard=str(cfg.shard), kafka=rt.kafka_bootstrap)
-                task_status.started()
-                await rt.draining.wait()
-                log.info("ingest.draining", detail="stopped reading; flushing what was accepted")
-                stop_reading.set()
+        async with frames_tx, trio.open_nursery() as sources:
+            for conn_id, streams in enumerate(connections):
+                sources.start_soon(
+                    run_connection,
+                    conn_id,
+                    streams,
+                    cfg.binance,
+                    frames_tx.clone(),
+                    attempts,
+                    source_metrics,
+                    stop_reading,
+                )
+            rt.health.set(
+                "ingest",
+                started=True,
+                healthy=True,
+                detail=f"{len(specs)} streams on {len(connections)} connections",
+            )
+            log.info(
+                "ingest.started",
+                streams=len(specs),
+                connections=len(connections),
+                shard=str(cfg.shard),
+                kafka=rt.kafka_bootstrap,
+            )
+            task_status.started()
+            await rt.draining.wait()
+            log.info("ingest.draining", detail="stopped reading; flushing what was accepted")
+            stop_reading.set()
     summary = stats.summary()
-    log.info("ingest.stopped", **{t: f"{c['accepted']}/{c['delivered']}/{c['failed']}"
-                                  for t, c in summary.items()},
-             legend="accepted/delivered/failed")
+    log.info(
+        "ingest.stopped",
+        **{t: f"{c['accepted']}/{c['delivered']}/{c['failed']}" for t, c in summary.items()},
+        legend="accepted/delivered/failed",
+    )
     rt.health.set("ingest", healthy=False, detail="stopped")
-

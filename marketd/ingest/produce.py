@@ -86,7 +86,7 @@ class KafkaSink:
         self._latency = stats.latency.labels()
         self.backpressure_waits = 0
 
-    # -- delivery reports (poller thread, or whichever thread is flushing) -------------------------
+    # -- delivery reports (poller thread, or whichever thread is flushing) ------------------------
 
     def _on_delivery(self, recv_ns: int, err: confluent_kafka.KafkaError | None, msg: Any) -> None:
         topic = msg.topic()
@@ -97,15 +97,24 @@ class KafkaSink:
         self.stats.failed.inc(topic)
         suppressed = self._throttle.should_log(f"delivery:{err.code()}", time.monotonic())
         if suppressed is not None:
-            log.error("kafka.delivery_failed", topic=topic, error=err.str(),
-                      retriable=err.retriable(), suppressed_since_last=suppressed)
+            log.error(
+                "kafka.delivery_failed",
+                topic=topic,
+                error=err.str(),
+                retriable=err.retriable(),
+                suppressed_since_last=suppressed,
+            )
         if topic != self.dlq_topic:
             self._dead_letter(msg, err)
 
     def _dead_letter(self, msg: Any, err: confluent_kafka.KafkaError) -> None:
         record = dlq_record(
-            msg.value() or b"", "delivery_failed", f"{msg.topic()}: {err.str()}",
-            msg.topic(), int(time.time() * 1000), self.dlq_max_raw_bytes,
+            msg.value() or b"",
+            "delivery_failed",
+            f"{msg.topic()}: {err.str()}",
+            msg.topic(),
+            int(time.time() * 1000),
+            self.dlq_max_raw_bytes,
         )
         try:
             self._producer.produce(self.dlq_topic, _encode(record), msg.key())
@@ -117,9 +126,11 @@ class KafkaSink:
         while not self._stop_polling.is_set():
             self._producer.poll(0.05)
 
-    # -- trio side -----------------------------------------------------------------------------------
+    # -- trio side --------------------------------------------------------------------------------
 
-    async def run_poller(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_poller(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         task_status.started()
         try:
             await trio.to_thread.run_sync(self._poll_loop, abandon_on_cancel=False)
@@ -138,8 +149,11 @@ class KafkaSink:
             while True:
                 try:
                     producer.produce(
-                        out.topic, out.value, out.key,
-                        on_delivery=partial(on_delivery, out.recv_ns), headers=out.headers,
+                        out.topic,
+                        out.value,
+                        out.key,
+                        on_delivery=partial(on_delivery, out.recv_ns),
+                        headers=out.headers,
                     )
                     break
                 except BufferError:
@@ -187,7 +201,9 @@ async def run_producer(
     remaining = await sink.flush()
     summary = sink.stats.summary()
     if remaining:
-        log.error("kafka.flush_incomplete", undelivered=remaining,
-                  timeout_s=sink.flush_timeout_s)
-    log.info("kafka.flushed", undelivered=remaining,
-             **{t: f"{c['accepted']}/{c['delivered']}/{c['failed']}" for t, c in summary.items()})
+        log.error("kafka.flush_incomplete", undelivered=remaining, timeout_s=sink.flush_timeout_s)
+    log.info(
+        "kafka.flushed",
+        undelivered=remaining,
+        **{t: f"{c['accepted']}/{c['delivered']}/{c['failed']}" for t, c in summary.items()},
+    )

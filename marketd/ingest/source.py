@@ -36,8 +36,15 @@ log = get_logger(__name__)
 # decoder's own limit so oversized frames normally reach the decoder and are dead-lettered.
 WS_HARD_LIMIT_FACTOR = 4
 # Close codes (RFC 6455) and what we count them as.
-_CLOSE_REASONS = {1000: "normal", 1001: "going_away", 1006: "abnormal", 1007: "invalid_utf8",
-                  1008: "policy", 1009: "too_big", 1011: "server_error"}
+_CLOSE_REASONS = {
+    1000: "normal",
+    1001: "going_away",
+    1006: "abnormal",
+    1007: "invalid_utf8",
+    1008: "policy",
+    1009: "too_big",
+    1011: "server_error",
+}
 
 
 def stream_url(base: str, streams: Sequence[StreamSpec], time_unit: str) -> str:
@@ -70,7 +77,9 @@ class SourceMetrics:
             metrics.fast_counter("ws_frames_received", "frames received per connection", "conn"),
             metrics.counter("ws_reconnects", "disconnects by reason", ["conn", "reason"]),
             metrics.gauge("ws_connected", "1 while the connection is up", ["conn"]),
-            metrics.gauge("ws_last_frame_timestamp_seconds", "wall time of the last frame", ["conn"]),
+            metrics.gauge(
+                "ws_last_frame_timestamp_seconds", "wall time of the last frame", ["conn"]
+            ),
         )
 
 
@@ -115,8 +124,14 @@ async def run_connection(
             reason, detail = "unknown", ""
             try:
                 connected_at = await _session(
-                    conn_id, url, streams, cfg, frames_tx, metrics, stop, task_status
-                    if not started else trio.TASK_STATUS_IGNORED,
+                    conn_id,
+                    url,
+                    streams,
+                    cfg,
+                    frames_tx,
+                    metrics,
+                    stop,
+                    task_status if not started else trio.TASK_STATUS_IGNORED,
                 )
                 reason = "shutdown"
             except ConnectionLost as exc:
@@ -128,11 +143,20 @@ async def run_connection(
             if stop.is_set():
                 break
             metrics.reconnects.labels(conn, reason).inc()  # type: ignore[attr-defined]
-            if connected_at is not None and trio.current_time() - connected_at >= cfg.healthy_after_s:
+            if (
+                connected_at is not None
+                and trio.current_time() - connected_at >= cfg.healthy_after_s
+            ):
                 backoff.reset()
             delay = backoff.delay()
-            log.warning("ws.disconnected", conn=conn_id, reason=reason, detail=detail[:300],
-                        reconnect_in_s=round(delay, 3), attempt=backoff.attempt)
+            log.warning(
+                "ws.disconnected",
+                conn=conn_id,
+                reason=reason,
+                detail=detail[:300],
+                reconnect_in_s=round(delay, 3),
+                attempt=backoff.attempt,
+            )
             with trio.move_on_after(delay):
                 await stop.wait()
     if not started:
@@ -152,6 +176,7 @@ async def _session(
     """One connection's life. Returns when `stop` is set; raises ConnectionLost otherwise."""
     conn = str(conn_id)
     ssl_context = ssl.create_default_context() if url.startswith("wss:") else None
+    connected_at: float | None = None
     try:
         async with trio_websocket.open_websocket_url(
             url,
@@ -166,38 +191,54 @@ async def _session(
             log.info("ws.connected", conn=conn_id, streams=len(streams), url=_redact(url))
             task_status.started()
             state = ConnectionState(last_frame_at=connected_at)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_keepalive, ws, cfg)
-                    limit = silence_limit(cfg, streams)
-                    if limit != math.inf:
-                        nursery.start_soon(_silence_watchdog, state, limit)
-                    await _read(conn_id, ws, frames_tx, state, metrics, cfg, stop)
-                    nursery.cancel_scope.cancel()
-            except* ConnectionLost as group:
-                lost = group.exceptions[0]
-                assert isinstance(lost, ConnectionLost)
-                lost.connected_at = connected_at
-                raise lost from None
-            except* ConnectionClosed as group:
-                closed = group.exceptions[0]
-                assert isinstance(closed, ConnectionClosed)
-                code = closed.reason.code if closed.reason else None
-                text = closed.reason.reason if closed.reason else ""
-                raise ConnectionLost(
-                    _CLOSE_REASONS.get(code or 0, f"closed_{code}"), f"code={code} {text}",
-                    connected_at,
-                ) from None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_keepalive, ws, cfg)
+                limit = silence_limit(cfg, streams)
+                if limit != math.inf:
+                    nursery.start_soon(_silence_watchdog, state, limit)
+                await _read(conn_id, ws, frames_tx, state, metrics, cfg, stop)
+                nursery.cancel_scope.cancel()
             return connected_at
-    except HandshakeError as exc:
-        raise ConnectionLost("handshake_failed", str(exc)) from None
-    except trio.TooSlowError:
-        raise ConnectionLost("connect_timeout", f"no handshake in {cfg.connection_timeout_s}s") from None
-    except OSError as exc:
-        raise ConnectionLost("connect_failed", f"{type(exc).__name__}: {exc}") from None
-    except ConnectionClosed as closed:
-        code = closed.reason.code if closed.reason else None
-        raise ConnectionLost(_CLOSE_REASONS.get(code or 0, f"closed_{code}"), str(closed.reason)) from None
+    except BaseExceptionGroup as group:
+        raise _connection_lost(group, connected_at) from group
+    except (ConnectionLost, ConnectionClosed, HandshakeError, trio.TooSlowError, OSError) as exc:
+        raise _connection_lost(exc, connected_at) from exc
+
+
+def _connection_lost(exc: BaseException, connected_at: float | None) -> ConnectionLost:
+    """Map whatever ended a connection (possibly inside exception groups) to ConnectionLost."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = list(_leaves(exc))
+        for leaf in leaves:
+            if isinstance(
+                leaf,
+                ConnectionLost | ConnectionClosed | HandshakeError | OSError | trio.TooSlowError,
+            ):
+                return _connection_lost(leaf, connected_at)
+        raise exc  # not a connection problem: let the supervisor see it
+    if isinstance(exc, ConnectionLost):
+        exc.connected_at = exc.connected_at or connected_at
+        return exc
+    if isinstance(exc, ConnectionClosed):
+        code = exc.reason.code if exc.reason else None
+        text = exc.reason.reason if exc.reason else ""
+        return ConnectionLost(
+            _CLOSE_REASONS.get(code or 0, f"closed_{code}"),
+            f"code={code} {text or ''}".strip(),
+            connected_at,
+        )
+    if isinstance(exc, HandshakeError):
+        return ConnectionLost("handshake_failed", str(exc), connected_at)
+    if isinstance(exc, trio.TooSlowError):
+        return ConnectionLost("connect_timeout", "no handshake in time", connected_at)
+    return ConnectionLost("connect_failed", f"{type(exc).__name__}: {exc}", connected_at)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 async def _read(
@@ -209,21 +250,24 @@ async def _read(
     cfg: BinanceConfig,
     stop: trio.Event,
 ) -> None:
+    """Read until `stop` (returns) or the connection ends (raises)."""
     conn = str(conn_id)
     frames_counter = metrics.frames
     send_nowait = frames_tx.send_nowait
     get_message = ws.get_message
     current_time = trio.current_time
     time_ns = time.time_ns
-    with trio.CancelScope() as reading:
-        # Stop reading (not handing over) on shutdown: cancel only this scope.
+    n = 0
+    async with trio.open_nursery() as watch:
+        # Stop *reading* on shutdown by cancelling only the receive; a frame in hand is still
+        # handed over (the hand-over below is not a cancellation point on the fast path and is
+        # shielded on the slow one).
         async def _stop_watch() -> None:
             await stop.wait()
-            reading.cancel()
+            watch.cancel_scope.cancel()
 
-        async with trio.open_nursery() as watch:
-            watch.start_soon(_stop_watch)
-            n = 0
+        watch.start_soon(_stop_watch)
+        try:
             while True:
                 message = await get_message()
                 frame = Frame(message, time_ns(), conn_id)
@@ -237,9 +281,9 @@ async def _read(
                     frames_counter.inc(conn, n)  # type: ignore[attr-defined]
                     n = 0
                 if type(message) is str and "serverShutdown" in message:
-                    frames_counter.inc(conn, n)  # type: ignore[attr-defined]
                     raise ConnectionLost("server_shutdown", "serverShutdown event")
-    frames_counter.inc(conn, n)  # type: ignore[attr-defined]
+        finally:
+            frames_counter.inc(conn, n)  # type: ignore[attr-defined]
 
 
 async def _hand_over_slowly(
@@ -256,8 +300,12 @@ async def _hand_over_slowly(
             await frames_tx.send(frame)
         if not waited.cancelled_caught:
             return
-        log.warning("ws.backpressure", conn=conn_id, waited_s=cfg.backpressure_close_s,
-                    action="closing; will reconnect when the pipeline has room")
+        log.warning(
+            "ws.backpressure",
+            conn=conn_id,
+            waited_s=cfg.backpressure_close_s,
+            action="closing; will reconnect when the pipeline has room",
+        )
         await frames_tx.send(frame)
     raise ConnectionLost("backpressure", f"pipeline full for {cfg.backpressure_close_s}s")
 

@@ -96,7 +96,9 @@ def _check_symbol(symbol: str, name: str) -> str:
     if not symbol or any(ch.isspace() or ch in "@/!?&#%\"'" for ch in symbol):
         raise StreamNameError(f"{name!r}: bad symbol {symbol!r}")
     if symbol != symbol.lower():
-        raise StreamNameError(f"{name!r}: symbols in stream names are lower-case ({symbol.lower()})")
+        raise StreamNameError(
+            f"{name!r}: symbols in stream names are lower-case ({symbol.lower()})"
+        )
     return symbol.upper()
 
 
@@ -123,7 +125,8 @@ def parse_stream(name: str) -> StreamSpec:
         interval = kind.removeprefix("kline_")
         if interval not in KLINE_INTERVALS:
             raise StreamNameError(
-                f"{name!r}: unknown kline interval {interval!r}; allowed: {' '.join(KLINE_INTERVALS)}"
+                f"{name!r}: unknown kline interval {interval!r}; "
+                f"allowed: {' '.join(KLINE_INTERVALS)}"
             )
         tz = None
         if rest:
@@ -144,10 +147,13 @@ def _parse_all_market(name: str) -> StreamSpec:
         return StreamSpec(name, StreamKind.MINI_TICKER, None)
     if name == "!ticker@arr":
         raise StreamNameError(
-            "'!ticker@arr' was retired by Binance on 2026-03-26; use <symbol>@ticker or !miniTicker@arr"
+            "'!ticker@arr' was retired by Binance on 2026-03-26; "
+            "use <symbol>@ticker or !miniTicker@arr"
         )
     if name == "!bookTicker":
-        raise StreamNameError("'!bookTicker' was removed by Binance in 2022-12; use <symbol>@bookTicker")
+        raise StreamNameError(
+            "'!bookTicker' was removed by Binance in 2022-12; use <symbol>@bookTicker"
+        )
     m = re.fullmatch(r"!ticker_(1h|4h|1d)@arr", name)
     if m:
         return StreamSpec(name, StreamKind.ROLLING_TICKER, None, window=m.group(1))

@@ -79,8 +79,12 @@ def producer_settings(cfg: KafkaConfig, bootstrap_servers: str) -> dict[str, Any
     }
     if cfg.idempotence and cfg.acks != "all":
         # Idempotence needs acks=all; say so once rather than silently changing semantics.
-        log.warning("kafka.acks_overridden", configured=cfg.acks, effective="all",
-                    reason="enable.idempotence requires acks=all")
+        log.info(
+            "kafka.acks_overridden",
+            configured=cfg.acks,
+            effective="all",
+            reason="enable.idempotence requires acks=all",
+        )
     settings.update(cfg.producer)
     return settings
 
@@ -107,8 +111,10 @@ def consumer_settings(
 
 def admin_settings(cfg: KafkaConfig, bootstrap_servers: str) -> dict[str, Any]:
     """Admin/metadata client properties: connection and security from the producer table."""
-    settings: dict[str, Any] = {"bootstrap.servers": bootstrap_servers,
-                                "logger": _librdkafka_logger()}
+    settings: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "logger": _librdkafka_logger(),
+    }
     for key, value in cfg.producer.items():
         if key.startswith(("security.", "sasl.", "ssl.", "client.", "socket.")):
             settings[key] = value

@@ -50,9 +50,21 @@ class RedisProcess:
     def start(self, timeout_s: float = 10.0) -> RedisProcess:
         self._proc = subprocess.Popen(
             [
-                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self._dir.name,
-                "--protected-mode", "yes", "--loglevel", "warning",
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+                "--protected-mode",
+                "yes",
+                "--loglevel",
+                "warning",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -109,8 +121,12 @@ async def embedded_redis() -> AsyncIterator[str]:
     """Start a private redis-server for the daemon; yields its URL; stops it on exit."""
     server = RedisProcess()
     await trio.to_thread.run_sync(server.start)
-    log.info("redis.embedded_started", url=server.url, persistence="none",
-             note="private redis-server child process; data is lost on exit")
+    log.info(
+        "redis.embedded_started",
+        url=server.url,
+        persistence="none",
+        note="private redis-server child process; data is lost on exit",
+    )
     try:
         yield server.url
     finally:
@@ -124,4 +140,3 @@ def redis_available() -> bool:
 
 
 __all__ = ["INSTALL_HINT", "RedisProcess", "embedded_redis", "free_port", "redis_available"]
-

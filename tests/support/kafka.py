@@ -57,37 +57,64 @@ class TestKafka:
         return confluent_kafka.Producer(conf)
 
     def read_all(
-        self, topics: Iterable[str], *, expect: int | None = None, idle_s: float = 2.0,
+        self,
+        topics: Iterable[str],
+        *,
+        expect: int | None = None,
         timeout_s: float = 30.0,
+        settle_s: float = 0.5,
     ) -> list[confluent_kafka.Message]:
-        """Read topics from the beginning until `expect` messages or `idle_s` without any."""
+        """Every message of `topics`, read by partition from the beginning to the end.
+
+        With `expect`, keeps reading until that many arrived (or timeout), then `settle_s` more
+        to catch duplicates beyond the expected count.
+        """
         consumer = self.consumer()
-        consumer.subscribe(list(topics))
-        out: list[confluent_kafka.Message] = []
-        deadline = time.monotonic() + timeout_s
-        last = time.monotonic()
         try:
+            partitions = []
+            for topic in topics:
+                md = consumer.list_topics(topic, timeout=10).topics[topic]
+                if (
+                    md.error is not None
+                    and md.error.code() != confluent_kafka.KafkaError.UNKNOWN_TOPIC_OR_PART
+                ):
+                    raise confluent_kafka.KafkaException(md.error)
+                partitions += [
+                    confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
+                    for p in md.partitions
+                ]
+            consumer.assign(partitions)
+            out: list[confluent_kafka.Message] = []
+            deadline = time.monotonic() + timeout_s
+            settle_until: float | None = None
             while time.monotonic() < deadline:
-                batch = consumer.consume(1000, 0.2)
-                for msg in batch:
+                for msg in consumer.consume(1000, 0.1):
                     if msg.error():
                         if msg.error().code() == confluent_kafka.KafkaError._PARTITION_EOF:
                             continue
-                        if msg.error().code() == confluent_kafka.KafkaError.UNKNOWN_TOPIC_OR_PART:
-                            continue
                         raise confluent_kafka.KafkaException(msg.error())
                     out.append(msg)
-                if batch:
-                    last = time.monotonic()
-                if expect is not None and len(out) >= expect:
-                    # Linger briefly to catch duplicates beyond the expected count.
-                    if time.monotonic() - last > 0.5:
+                if expect is None:
+                    if self._at_end(consumer, partitions):
                         break
-                elif expect is None and time.monotonic() - last > idle_s:
-                    break
+                elif len(out) >= expect:
+                    settle_until = settle_until or time.monotonic() + settle_s
+                    if time.monotonic() >= settle_until:
+                        break
+            return out
         finally:
             consumer.close()
-        return out
+
+    @staticmethod
+    def _at_end(
+        consumer: confluent_kafka.Consumer, partitions: list[confluent_kafka.TopicPartition]
+    ) -> bool:
+        positions = consumer.position(partitions)
+        for tp in positions:
+            low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            if high > low and (tp.offset < 0 or tp.offset < high):
+                return False
+        return True
 
 
 def unique_topic(prefix: str) -> str:
