@@ -169,9 +169,13 @@ async def run_ingest(
             log.info("ingest.draining", detail="stopped reading; flushing what was accepted")
             stop_reading.set()
     summary = stats.summary()
+    latency = stats.latency.labels()
     log.info(
         "ingest.stopped",
         **{t: f"{c['accepted']}/{c['delivered']}/{c['failed']}" for t, c in summary.items()},
         legend="accepted/delivered/failed",
+        ack_latency_p50_ms=round(latency.quantile(0.5) * 1000, 3),
+        ack_latency_p99_ms=round(latency.quantile(0.99) * 1000, 3),
+        acked=latency.count,
     )
     rt.health.set("ingest", healthy=False, detail="stopped")

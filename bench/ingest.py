@@ -1,0 +1,239 @@
+"""Ingest benchmark: fake exchange (own process) -> marketd (own process, embedded Kafka) -> Kafka.
+
+Prints, for `--rate max` and for fixed rates: sustained messages/s delivered to Kafka, loss and
+duplicates (trade ids per symbol), p50/p99 frame receipt -> delivery ack (marketd's own
+histogram), marketd CPU seconds per 100k messages and peak RSS; and, in the same run, the bare
+receive rate of a plain trio-websocket client against the same server (the ceiling).
+
+    .venv/bin/python bench/ingest.py                      # max rate + 10k/s, 20 s each
+    .venv/bin/python bench/ingest.py --soak 600           # + RSS over 10 minutes at 10k/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import confluent_kafka
+import psutil
+import trio
+import trio_websocket
+
+SYMBOLS = [
+    "btcusdt",
+    "ethusdt",
+    "bnbusdt",
+    "solusdt",
+    "xrpusdt",
+    "adausdt",
+    "dogeusdt",
+    "avaxusdt",
+    "dotusdt",
+    "linkusdt",
+]
+STREAMS = [f"{s}@trade" for s in SYMBOLS]
+
+
+def start_exchange(rate: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "marketd.cli",
+            "fake-exchange",
+            "--port",
+            "0",
+            "--rate",
+            rate,
+            "--symbols",
+            ",".join(SYMBOLS),
+            "--seed",
+            "7",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r"ws=(\S+)", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"fake exchange did not start: {line!r}")
+    return proc, m.group(1)
+
+
+async def bare_receive_rate(ws_url: str, seconds: float) -> float:
+    url = ws_url + "?streams=" + "/".join(STREAMS)
+    n = 0
+    async with trio_websocket.open_websocket_url(url) as ws:
+        for _ in range(2000):  # warm-up
+            await ws.get_message()
+        t0 = time.perf_counter()
+        with trio.move_on_after(seconds):
+            while True:
+                await ws.get_message()
+                n += 1
+        return n / (time.perf_counter() - t0)
+
+
+class TapeReader(threading.Thread):
+    """Reads raw_trades while marketd runs (the mock cluster keeps only a few MB/partition)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.consumer = confluent_kafka.Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"bench-{os.getpid()}-{time.time()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 10,
+                "fetch.queue.backoff.ms": 10,
+            }
+        )
+        self.consumer.subscribe([topic])
+        self.ids: dict[str, list[int]] = defaultdict(list)
+        self.count = 0
+        self.timeline: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for msg in self.consumer.consume(5000, 0.2):
+                if msg.error():
+                    continue
+                rec = json.loads(msg.value())
+                self.ids[rec["symbol"]].append(rec["trade_id"])
+                self.count += 1
+            self.timeline.append((time.monotonic(), self.count))
+        self.consumer.close()
+
+
+def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "LOG_FORMAT": "json",
+        "MARKETD_COMPONENTS": "ingest",
+        "KAFKA_BOOTSTRAP_SERVERS": "embedded",
+        "BINANCE_WS_URL": ws_url,
+        "BINANCE_STREAMS": ",".join(STREAMS),
+        **extra_env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marketd.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    events: list[dict[str, Any]] = []
+    bootstrap = None
+    while bootstrap is None:
+        line = proc.stderr.readline()
+        if not line:
+            raise SystemExit("marketd exited early")
+        ev = json.loads(line) if line.startswith("{") else {}
+        events.append(ev)
+        if ev.get("event") == "kafka.embedded_started":
+            bootstrap = ev["bootstrap_servers"]
+    reader = TapeReader(bootstrap, "raw_trades")
+    reader.start()
+    collector = threading.Thread(
+        target=lambda: events.extend(json.loads(x) for x in proc.stderr if x.startswith("{")),
+        daemon=True,
+    )  # type: ignore[union-attr]
+    collector.start()
+    ps = psutil.Process(proc.pid)
+    peak_rss = 0
+    rss_samples: list[tuple[float, int]] = []
+    time.sleep(2.0)  # connect + warm up
+    cpu0 = ps.cpu_times()
+    n0, t0 = reader.count, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        time.sleep(0.5)
+        rss = ps.memory_info().rss
+        peak_rss = max(peak_rss, rss)
+        rss_samples.append((time.monotonic() - t0, rss))
+    cpu1 = ps.cpu_times()
+    n1, t1 = reader.count, time.monotonic()
+    proc.terminate()
+    proc.wait(60)
+    collector.join(5)
+    time.sleep(1.5)
+    reader.stop.set()
+    reader.join(10)
+    stopped = next(e for e in reversed(events) if e.get("event") == "ingest.stopped")
+    accepted, delivered, failed = map(int, stopped["raw_trades"].split("/"))
+    dups = gaps = 0
+    for ids in reader.ids.values():
+        s = sorted(ids)
+        dups += len(s) - len(set(s))
+        u = sorted(set(s))
+        gaps += sum(b - a - 1 for a, b in zip(u, u[1:], strict=False) if b - a > 1)
+    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    msgs = n1 - n0
+    return {
+        "msgs_per_s": msgs / (t1 - t0),
+        "accepted": accepted,
+        "delivered": delivered,
+        "failed": failed,
+        "in_kafka": reader.count,
+        "lost": accepted - reader.count,
+        "duplicates": dups,
+        "id_gaps": gaps,
+        "p50_ms": stopped.get("ack_latency_p50_ms"),
+        "p99_ms": stopped.get("ack_latency_p99_ms"),
+        "cpu_s_per_100k": cpu / msgs * 100_000 if msgs else float("nan"),
+        "peak_rss_mb": peak_rss / 2**20,
+        "rss_first_mb": rss_samples[len(rss_samples) // 10][1] / 2**20 if rss_samples else 0,
+        "rss_last_mb": rss_samples[-1][1] / 2**20 if rss_samples else 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--rates", default="max,10000")
+    parser.add_argument("--soak", type=float, default=0, help="seconds at 10k/s for RSS growth")
+    args = parser.parse_args()
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, trio {trio.__version__}, "
+        f"confluent-kafka {confluent_kafka.version()[0]} / librdkafka {confluent_kafka.libversion()[0]}"
+    )
+    for rate in args.rates.split(","):
+        proc, ws_url = start_exchange(rate)
+        try:
+            bare = trio.run(bare_receive_rate, ws_url, min(args.seconds, 10.0))
+            result = run_marketd(ws_url, args.seconds, {})
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        ratio = result["msgs_per_s"] / bare if rate == "max" else float("nan")
+        print(f"\nrate={rate}: bare trio-websocket receive {bare:,.0f} msgs/s")
+        for k, v in result.items():
+            print(f"  {k:16} {v:,.3f}" if isinstance(v, float) else f"  {k:16} {v}")
+        if rate == "max":
+            print(f"  vs bare          {ratio:.1%}")
+    if args.soak:
+        proc, ws_url = start_exchange("10000")
+        try:
+            result = run_marketd(ws_url, args.soak, {})
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        growth = (result["rss_last_mb"] - result["rss_first_mb"]) / result["rss_first_mb"]
+        print(
+            f"\nsoak {args.soak:.0f}s at 10k/s: RSS {result['rss_first_mb']:.1f} MB -> "
+            f"{result['rss_last_mb']:.1f} MB ({growth:+.1%}), peak {result['peak_rss_mb']:.1f} MB, "
+            f"lost {result['lost']}, duplicates {result['duplicates']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
