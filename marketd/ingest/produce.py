@@ -133,7 +133,9 @@ class KafkaSink:
     ) -> None:
         task_status.started()
         try:
-            await trio.to_thread.run_sync(self._poll_loop, abandon_on_cancel=False)
+            # On cancellation the thread is abandoned and told to stop; it exits within one
+            # poll timeout. (Waiting for it here would deadlock: it waits for this very event.)
+            await trio.to_thread.run_sync(self._poll_loop, abandon_on_cancel=True)
         finally:
             self._stop_polling.set()
 

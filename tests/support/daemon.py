@@ -25,6 +25,7 @@ class Daemon:
         self.stderr_lines: list[str] = []
 
     async def start(self, nursery: trio.Nursery) -> None:
+        """Start the daemon; it is killed when `nursery` exits, however the test ends."""
         self.proc = await trio.lowlevel.open_process(
             self.args,
             env=self.env,
@@ -34,6 +35,13 @@ class Daemon:
             cwd=os.getcwd(),
         )
         nursery.start_soon(self._collect)
+        nursery.start_soon(self._reap)
+
+    async def _reap(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.kill()
 
     async def _collect(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
