@@ -146,6 +146,7 @@ async def run_ingest(
                     conn_id,
                     streams,
                     cfg.binance,
+                    cfg.rotation,
                     frames_tx.clone(),
                     attempts,
                     source_metrics,

@@ -11,6 +11,7 @@ always handed over first: nothing received is dropped.
 from __future__ import annotations
 
 import math
+import random
 import ssl
 import time
 from collections.abc import Sequence
@@ -19,16 +20,17 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import attrs
 import trio
 import trio_websocket
+from prometheus_client import Counter, Gauge
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from marketd.backoff import Backoff
-from marketd.config import BinanceConfig
+from marketd.config import BinanceConfig, RotationConfig
 from marketd.errors import ConnectionLost
 from marketd.ingest.decode import Frame
 from marketd.ingest.limits import TokenBucket
 from marketd.ingest.streams import StreamSpec
 from marketd.logs import get_logger
-from marketd.metrics import MetricsFactory
+from marketd.metrics import FastCounter, MetricsFactory
 
 log = get_logger(__name__)
 
@@ -66,10 +68,11 @@ def stream_url(base: str, streams: Sequence[StreamSpec], time_unit: str) -> str:
 
 @attrs.define
 class SourceMetrics:
-    frames: object
-    reconnects: object
-    connected: object
-    last_frame: object
+    frames: FastCounter
+    reconnects: Counter
+    connected: Gauge
+    last_frame: Gauge
+    rotations: Counter
 
     @classmethod
     def create(cls, metrics: MetricsFactory) -> SourceMetrics:
@@ -80,6 +83,7 @@ class SourceMetrics:
             metrics.gauge(
                 "ws_last_frame_timestamp_seconds", "wall time of the last frame", ["conn"]
             ),
+            metrics.counter("ws_rotations", "seamless connection replacements", ["conn", "reason"]),
         )
 
 
@@ -87,8 +91,8 @@ class SourceMetrics:
 class ConnectionState:
     """Shared between a connection's reader and its watchdogs."""
 
-    last_frame_at: float = 0.0  # trio clock
-    frames: int = 0
+    last_frame_at: float = 0.0  # trio clock, for the silence watchdog
+    last_frame_ns: int = 0  # wall clock, for the metric
 
 
 def silence_limit(cfg: BinanceConfig, streams: Sequence[StreamSpec]) -> float:
@@ -105,48 +109,36 @@ async def run_connection(
     conn_id: int,
     streams: Sequence[StreamSpec],
     cfg: BinanceConfig,
+    rotation: RotationConfig,
     frames_tx: trio.MemorySendChannel[Frame],
     attempts: TokenBucket,
     metrics: SourceMetrics,
     stop: trio.Event,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Keep one connection up until `stop` is set; reconnect on any failure."""
     url = stream_url(cfg.ws_url, streams, cfg.time_unit)
     backoff = Backoff(cfg.reconnect_initial_delay_s, cfg.reconnect_max_delay_s)
     conn = str(conn_id)
-    started = False
+    state = ConnectionState()
+    metrics.last_frame.labels(conn).set_function(lambda: state.last_frame_ns / 1e9)
     async with frames_tx:
         while not stop.is_set():
             await attempts.take()
-            connected_at: float | None = None
-            reason, detail = "unknown", ""
+            link = _Link(
+                conn_id, url, streams, cfg, rotation, frames_tx, attempts, metrics, stop, state
+            )
             try:
-                connected_at = await _session(
-                    conn_id,
-                    url,
-                    streams,
-                    cfg,
-                    frames_tx,
-                    metrics,
-                    stop,
-                    task_status if not started else trio.TASK_STATUS_IGNORED,
-                )
-                reason = "shutdown"
+                await link.run()
+                reason, detail = "shutdown", ""
             except ConnectionLost as exc:
                 reason, detail = exc.reason, exc.detail
-                connected_at = exc.connected_at
             finally:
-                metrics.connected.labels(conn).set(0)  # type: ignore[attr-defined]
-            started = True
+                metrics.connected.labels(conn).set(0)
             if stop.is_set():
                 break
-            metrics.reconnects.labels(conn, reason).inc()  # type: ignore[attr-defined]
-            if (
-                connected_at is not None
-                and trio.current_time() - connected_at >= cfg.healthy_after_s
-            ):
+            metrics.reconnects.labels(conn, reason).inc()
+            up_since = link.connected_at
+            if up_since is not None and trio.current_time() - up_since >= cfg.healthy_after_s:
                 backoff.reset()
             delay = backoff.delay()
             log.warning(
@@ -159,57 +151,188 @@ async def run_connection(
             )
             with trio.move_on_after(delay):
                 await stop.wait()
-    if not started:
-        task_status.started()
 
 
-async def _session(
-    conn_id: int,
-    url: str,
-    streams: Sequence[StreamSpec],
-    cfg: BinanceConfig,
-    frames_tx: trio.MemorySendChannel[Frame],
-    metrics: SourceMetrics,
-    stop: trio.Event,
-    task_status: trio.TaskStatus[None],
-) -> float:
-    """One connection's life. Returns when `stop` is set; raises ConnectionLost otherwise."""
-    conn = str(conn_id)
-    ssl_context = ssl.create_default_context() if url.startswith("wss:") else None
-    connected_at: float | None = None
-    try:
-        async with trio_websocket.open_websocket_url(
-            url,
-            ssl_context=ssl_context,
-            max_message_size=max(cfg.max_frame_bytes * WS_HARD_LIMIT_FACTOR, 8 << 20),
-            message_queue_size=1,
-            connect_timeout=cfg.connection_timeout_s,
-            disconnect_timeout=2,
-        ) as ws:
-            connected_at = trio.current_time()
-            metrics.connected.labels(conn).set(1)  # type: ignore[attr-defined]
-            log.info("ws.connected", conn=conn_id, streams=len(streams), url=_redact(url))
-            task_status.started()
-            state = ConnectionState(last_frame_at=connected_at)
+@attrs.define(eq=False)
+class _Socket:
+    """One open WebSocket of a link; two overlap while a link rotates."""
+
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    opened_at: float = 0.0
+    retiring: bool = False  # replaced or announced shutdown: its end is expected
+    shutdown_announced: trio.Event = attrs.field(factory=trio.Event)
+    closed: trio.Event = attrs.field(factory=trio.Event)
+    lost: ConnectionLost | None = None
+
+
+class _Link:
+    """A connection's streams, carried by one socket at a time, rotated without a gap.
+
+    Before Binance's 24-hour disconnect (max_age_s plus jitter, so shards do not rotate together)
+    and at once on a `serverShutdown` event, a replacement socket is opened first; the old one is
+    closed only after the replacement has delivered a frame. Frames of the overlap arrive twice;
+    the decode stage drops the duplicates (by trade id, kline identity and ticker event time).
+    """
+
+    def __init__(
+        self,
+        conn_id: int,
+        url: str,
+        streams: Sequence[StreamSpec],
+        cfg: BinanceConfig,
+        rotation: RotationConfig,
+        frames_tx: trio.MemorySendChannel[Frame],
+        attempts: TokenBucket,
+        metrics: SourceMetrics,
+        stop: trio.Event,
+        state: ConnectionState,
+    ) -> None:
+        self.conn_id = conn_id
+        self.url = url
+        self.streams = streams
+        self.cfg = cfg
+        self.rotation = rotation
+        self.frames_tx = frames_tx
+        self.attempts = attempts
+        self.metrics = metrics
+        self.stop = stop
+        self.state = state
+        self.connected_at: float | None = None
+        self.rotations = 0
+
+    async def run(self) -> None:
+        """Returns when `stop` is set; raises ConnectionLost when the link is lost."""
+        try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_keepalive, ws, cfg)
-                limit = silence_limit(cfg, streams)
+                current = await nursery.start(self._socket, False)
+                self.connected_at = current.opened_at
+                self.state.last_frame_at = current.opened_at
+                limit = silence_limit(self.cfg, self.streams)
                 if limit != math.inf:
-                    nursery.start_soon(_silence_watchdog, state, limit)
-                await _read(conn_id, ws, frames_tx, state, metrics, cfg, stop)
+                    nursery.start_soon(_silence_watchdog, self.state, limit)
+                due = (
+                    current.opened_at
+                    + self.rotation.max_age_s
+                    + random.uniform(0, self.rotation.jitter_s)
+                )
+                while True:
+                    with trio.move_on_at(due):
+                        await _first_of(self.stop, current.shutdown_announced, current.closed)
+                    if self.stop.is_set():
+                        current.scope.cancel()
+                        break
+                    if current.closed.is_set():
+                        raise current.lost or ConnectionLost("closed", "socket ended")
+                    reason = "server_shutdown" if current.shutdown_announced.is_set() else "max_age"
+                    if reason == "server_shutdown":
+                        current.retiring = True  # Binance will close it: not a failure
+                    replacement = await self._replace(nursery, reason)
+                    if replacement is None:
+                        due = trio.current_time() + 30.0  # try again; the old socket still runs
+                        continue
+                    current.retiring = True
+                    current.scope.cancel()
+                    current = replacement
+                    due = (
+                        current.opened_at
+                        + self.rotation.max_age_s
+                        + random.uniform(0, self.rotation.jitter_s)
+                    )
                 nursery.cancel_scope.cancel()
-            return connected_at
-    except BaseExceptionGroup as group:
-        raise _connection_lost(group, connected_at) from group
-    except (ConnectionLost, ConnectionClosed, HandshakeError, trio.TooSlowError, OSError) as exc:
-        raise _connection_lost(exc, connected_at) from exc
+        except BaseExceptionGroup as group:
+            raise _connection_lost(group, self.connected_at) from group
+
+    async def _replace(self, nursery: trio.Nursery, reason: str) -> _Socket | None:
+        log.info("ws.rotating", conn=self.conn_id, reason=reason)
+        await self.attempts.take()
+        try:
+            with trio.fail_after(self.rotation.overlap_timeout_s):
+                replacement: _Socket = await nursery.start(self._socket, True)
+        except (ConnectionLost, trio.TooSlowError, OSError, HandshakeError) as exc:
+            log.warning(
+                "ws.rotation_failed",
+                conn=self.conn_id,
+                reason=reason,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return None
+        self.rotations += 1
+        self.metrics.rotations.labels(str(self.conn_id), reason).inc()
+        log.info("ws.rotated", conn=self.conn_id, reason=reason, rotations=self.rotations)
+        return replacement
+
+    async def _socket(
+        self, wait_first_frame: bool, *, task_status: trio.TaskStatus[_Socket]
+    ) -> None:
+        """Open, read until cancelled or lost. Reports started on connect (or first frame)."""
+        sock = _Socket()
+        cfg = self.cfg
+        ssl_context = ssl.create_default_context() if self.url.startswith("wss:") else None
+        try:
+            async with trio_websocket.open_websocket_url(
+                self.url,
+                ssl_context=ssl_context,
+                max_message_size=max(cfg.max_frame_bytes * WS_HARD_LIMIT_FACTOR, 8 << 20),
+                message_queue_size=1,
+                connect_timeout=cfg.connection_timeout_s,
+                disconnect_timeout=2,
+            ) as ws:
+                sock.opened_at = trio.current_time()
+                self.metrics.connected.labels(str(self.conn_id)).set(1)
+                log.info(
+                    "ws.connected",
+                    conn=self.conn_id,
+                    streams=len(self.streams),
+                    url=_redact(self.url),
+                )
+                if not wait_first_frame:
+                    task_status.started(sock)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_keepalive, ws, cfg)
+                    with sock.scope:
+                        await _read(
+                            self.conn_id,
+                            ws,
+                            self.frames_tx,
+                            self.state,
+                            self.metrics,
+                            cfg,
+                            sock,
+                            task_status if wait_first_frame else None,
+                        )
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            sock.lost = _connection_lost(group, sock.opened_at or None)
+        except (
+            ConnectionLost,
+            ConnectionClosed,
+            HandshakeError,
+            trio.TooSlowError,
+            OSError,
+        ) as exc:
+            sock.lost = _connection_lost(exc, sock.opened_at or None)
+        finally:
+            sock.closed.set()
+        if sock.lost is not None and not sock.retiring:
+            raise sock.lost
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Return as soon as any of the events is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(e: trio.Event = event) -> None:
+                await e.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
 
 
 def _connection_lost(exc: BaseException, connected_at: float | None) -> ConnectionLost:
     """Map whatever ended a connection (possibly inside exception groups) to ConnectionLost."""
     if isinstance(exc, BaseExceptionGroup):
-        leaves = list(_leaves(exc))
-        for leaf in leaves:
+        for leaf in _leaves(exc):
             if isinstance(
                 leaf,
                 ConnectionLost | ConnectionClosed | HandshakeError | OSError | trio.TooSlowError,
@@ -248,9 +371,14 @@ async def _read(
     state: ConnectionState,
     metrics: SourceMetrics,
     cfg: BinanceConfig,
-    stop: trio.Event,
+    sock: _Socket,
+    first_frame_status: trio.TaskStatus[_Socket] | None,
 ) -> None:
-    """Read until `stop` (returns) or the connection ends (raises)."""
+    """Read and hand over frames until cancelled (stop, retired) or the socket ends (raises).
+
+    Cancellation only ever lands in `get_message()`: the hand-over is not a cancellation point
+    on the fast path and is shielded on the slow one, so a frame received is never dropped.
+    """
     conn = str(conn_id)
     frames_counter = metrics.frames
     send_nowait = frames_tx.send_nowait
@@ -258,32 +386,28 @@ async def _read(
     current_time = trio.current_time
     time_ns = time.time_ns
     n = 0
-    async with trio.open_nursery() as watch:
-        # Stop *reading* on shutdown by cancelling only the receive; a frame in hand is still
-        # handed over (the hand-over below is not a cancellation point on the fast path and is
-        # shielded on the slow one).
-        async def _stop_watch() -> None:
-            await stop.wait()
-            watch.cancel_scope.cancel()
-
-        watch.start_soon(_stop_watch)
-        try:
-            while True:
-                message = await get_message()
-                frame = Frame(message, time_ns(), conn_id)
-                n += 1
-                state.last_frame_at = current_time()
-                try:
-                    send_nowait(frame)
-                except trio.WouldBlock:
-                    await _hand_over_slowly(frame, frames_tx, cfg, conn_id)
-                if n >= 256:
-                    frames_counter.inc(conn, n)  # type: ignore[attr-defined]
-                    n = 0
-                if type(message) is str and "serverShutdown" in message:
-                    raise ConnectionLost("server_shutdown", "serverShutdown event")
-        finally:
-            frames_counter.inc(conn, n)  # type: ignore[attr-defined]
+    try:
+        while True:
+            message = await get_message()
+            frame = Frame(message, time_ns(), conn_id)
+            n += 1
+            state.last_frame_at = current_time()
+            state.last_frame_ns = frame.recv_ns
+            try:
+                send_nowait(frame)
+            except trio.WouldBlock:
+                await _hand_over_slowly(frame, frames_tx, cfg, conn_id)
+            if first_frame_status is not None:
+                first_frame_status.started(sock)
+                first_frame_status = None
+            if n >= 256:
+                frames_counter.inc(conn, n)
+                n = 0
+            if type(message) is str and "serverShutdown" in message:
+                # Binance closes this socket soon: keep reading until the replacement delivers.
+                sock.shutdown_announced.set()
+    finally:
+        frames_counter.inc(conn, n)
 
 
 async def _hand_over_slowly(

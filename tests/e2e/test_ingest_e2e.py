@@ -142,3 +142,36 @@ async def test_sigterm_mid_stream_loses_nothing_accepted(kafka: TestKafka) -> No
     # What arrived is exactly the prefix the daemon read: no gap, no duplicate.
     assert sorted(ids) == list(range(1, delivered + 1))
     assert 0 < delivered < total or delivered == total
+
+
+@pytest.mark.parametrize("trigger", ["server_shutdown", "max_age"])
+async def test_rotation_opens_the_replacement_before_closing(
+    kafka: TestKafka, trigger: str
+) -> None:
+    names = topics()
+    shutdown = '{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":%d}}' % f.now_ms()
+    first = [f.trade(i) for i in range(1, 101)]
+    if trigger == "server_shutdown":
+        first.append(shutdown)
+    second = [f.trade(i) for i in range(101, 201)]
+    script = Scripted(lambda c: first if c == 0 else second)
+    env = env_for(0, kafka, names, "btcusdt@trade")
+    extra = ["--set", "rotation.max_age_s=1", "--set", "rotation.jitter_s=0"]
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_scripted, script)
+        env["BINANCE_WS_URL"] = f"ws://127.0.0.1:{port}/stream"
+        daemon = Daemon(env, extra if trigger == "max_age" else [])
+        await daemon.start(nursery)
+        with trio.move_on_after(30):
+            while script.connections < 2 or not daemon.find("ws.rotated"):
+                await trio.sleep(0.05)
+        assert daemon.find("ws.rotated"), daemon.tail()
+        await trio.sleep(0.5)
+        assert await daemon.stop() == 0, daemon.tail()
+        nursery.cancel_scope.cancel()
+
+    rotated = daemon.find("ws.rotated")[0]
+    assert rotated["reason"] == trigger
+    assert not daemon.find("ws.disconnected")  # a rotation, not a reconnect
+    msgs = kafka.read_all([names["TOPIC_RAW_TRADES"]], expect=200)
+    assert sorted(json.loads(m.value())["trade_id"] for m in msgs) == list(range(1, 201))
