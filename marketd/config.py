@@ -356,6 +356,11 @@ class IngestConfig:
         check=_at_least(1),
         help="frames buffered between the WebSocket and the decoder",
     )
+    coalesce_ms: float = setting(
+        1.0,
+        check=_at_least(0),
+        help="under load, the decoder gathers frames this long per wake-up (0 = never wait)",
+    )
     record_buffer: int = setting(
         64, check=_at_least(1), help="decoded chunks buffered before batching"
     )
