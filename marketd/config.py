@@ -266,7 +266,7 @@ class BinanceConfig:
     backpressure_close_s: float = setting(
         40.0,
         check=_positive,
-        help="a reader blocked this long by a slow pipeline reconnects (Binance: pongs within 60 s)",
+        help="a reader blocked this long by the pipeline reconnects (Binance: pong within 60 s)",
     )
     time_unit: str = setting(
         "MILLISECOND",
