@@ -12,6 +12,7 @@ receive rate of a plain trio-websocket client against the same server (the ceili
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -175,7 +176,7 @@ def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[
         s = sorted(ids)
         dups += len(s) - len(set(s))
         u = sorted(set(s))
-        gaps += sum(b - a - 1 for a, b in zip(u, u[1:], strict=False) if b - a > 1)
+        gaps += sum(b - a - 1 for a, b in itertools.pairwise(u) if b - a > 1)
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
     msgs = n1 - n0
     return {
@@ -204,7 +205,8 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, trio {trio.__version__}, "
-        f"confluent-kafka {confluent_kafka.version()[0]} / librdkafka {confluent_kafka.libversion()[0]}"
+        f"confluent-kafka {confluent_kafka.version()[0]}, "
+        f"librdkafka {confluent_kafka.libversion()[0]}"
     )
     for rate in args.rates.split(","):
         proc, ws_url = start_exchange(rate)

@@ -149,7 +149,7 @@ async def test_rotation_opens_the_replacement_before_closing(
     kafka: TestKafka, trigger: str
 ) -> None:
     names = topics()
-    shutdown = '{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":%d}}' % f.now_ms()
+    shutdown = f.wrap("!serverShutdown", {"e": "serverShutdown", "E": f.now_ms()})
     first = [f.trade(i) for i in range(1, 101)]
     if trigger == "server_shutdown":
         first.append(shutdown)
