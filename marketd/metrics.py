@@ -9,11 +9,14 @@ too dear at 35k messages/s); it is exposed through a custom collector in the Pro
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+T = TypeVar("T")
 
 # Latency buckets in seconds: 100 µs .. 10 s, roughly x2 apart.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -109,16 +112,31 @@ class FastHistogramCollector(Collector):
 
 
 class MetricsFactory:
-    """Declares metric families in one registry with the `marketd_` prefix."""
+    """Declares metric families in one registry with the `marketd_` prefix.
+
+    Declaring a family twice returns the first one: a component restarted by the supervisor
+    declares its metrics again and keeps counting into the same series.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._declared: dict[str, Any] = {}
+
+    def _once(self, name: str, make: Callable[[], T]) -> T:
+        existing = self._declared.get(name)
+        if existing is None:
+            existing = self._declared[name] = make()
+        return existing
 
     def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
-        return Counter(f"marketd_{name}", doc, labelnames=labels, registry=self.registry)
+        return self._once(
+            name, lambda: Counter(f"marketd_{name}", doc, labelnames=labels, registry=self.registry)
+        )
 
     def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
-        return Gauge(f"marketd_{name}", doc, labelnames=labels, registry=self.registry)
+        return self._once(
+            name, lambda: Gauge(f"marketd_{name}", doc, labelnames=labels, registry=self.registry)
+        )
 
     def histogram(
         self,
@@ -127,8 +145,11 @@ class MetricsFactory:
         labels: Sequence[str] = (),
         buckets: Sequence[float] = LATENCY_BUCKETS_S,
     ) -> Histogram:
-        return Histogram(
-            f"marketd_{name}", doc, labelnames=labels, buckets=buckets, registry=self.registry
+        return self._once(
+            name,
+            lambda: Histogram(
+                f"marketd_{name}", doc, labelnames=labels, buckets=buckets, registry=self.registry
+            ),
         )
 
     def fast_histogram(
@@ -138,15 +159,21 @@ class MetricsFactory:
         labels: Sequence[str] = (),
         buckets: Sequence[float] = LATENCY_BUCKETS_S,
     ) -> FastHistogramCollector:
-        collector = FastHistogramCollector(f"marketd_{name}", doc, labels, buckets)
-        self.registry.register(collector)
-        return collector
+        def make() -> FastHistogramCollector:
+            collector = FastHistogramCollector(f"marketd_{name}", doc, labels, buckets)
+            self.registry.register(collector)
+            return collector
+
+        return self._once(name, make)
 
     def fast_counter(self, name: str, doc: str, label: str) -> FastCounter:
         # CounterMetricFamily appends "_total" itself.
-        collector = FastCounter(f"marketd_{name}", doc, label)
-        self.registry.register(collector)
-        return collector
+        def make() -> FastCounter:
+            collector = FastCounter(f"marketd_{name}", doc, label)
+            self.registry.register(collector)
+            return collector
+
+        return self._once(name, make)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -64,3 +64,25 @@ async def test_clean_return_ends_supervision(autojump_clock: trio.testing.MockCl
 
     await supervise("once", once, rt, SupervisorConfig())
     assert calls == [1]
+
+
+async def test_restarted_component_redeclares_its_metrics(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rt = runtime()
+    runs = []
+
+    async def declares(
+        rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        counter = rt.metrics.counter("things", "things seen", ["kind"])
+        counter.labels("x").inc()
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("boom")
+        task_status.started()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervise, "a", declares, rt, SupervisorConfig())
+        await nursery.start(supervise, "b", declares, rt, SupervisorConfig())
+    assert b'marketd_things_total{kind="x"} 4.0' in rt.metrics.exposition()
