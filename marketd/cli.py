@@ -6,6 +6,7 @@ Configuration errors print one line naming the key, its source and what is allow
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,12 @@ EXIT_CONFIG = 2
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH", help="marketd.toml (default: built-in defaults)")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        default=os.environ.get("MARKETD_CONFIG") or None,
+        help="marketd.toml (default: $MARKETD_CONFIG, else built-in defaults)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Value]:
