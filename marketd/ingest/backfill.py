@@ -1,0 +1,412 @@
+"""Backfill worker: RequestBackfill/RequestKlines in, recovered records out, over Binance REST.
+
+Receives requests from a channel (the continuity gates' actions), pages through REST (fromId /
+startTime, 1000 per call, stopping exactly at the end of the range) and hands each page to
+`deliver` as a `TradeBackfill`/`KlineBackfill`, in order, then one final result with the ranges
+it could not recover and why. Transient REST failures are retried with capped jittered backoff
+until `give_up_after_s` after the request started; it then reports the rest as lost. At most
+`concurrency` requests run at once; when the channel closes, running requests finish first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import attrs
+import trio
+
+from marketd.backoff import Backoff
+from marketd.errors import TransientError
+from marketd.ingest.continuity import (
+    Action,
+    KlineGate,
+    LostRange,
+    RequestBackfill,
+    RequestKlines,
+    TradeGate,
+)
+from marketd.ingest.streams import interval_ms, parse_stream
+from marketd.logs import Throttle, get_logger
+from marketd.metrics import MetricsFactory
+from marketd.records import SCHEMA_VERSION, SOURCE, AggTradeRecord, KlineRecord, TradeRecord
+from marketd.rest.client import MAX_LIMIT, BinanceRest, RestAggTrade, RestKline, RestTrade
+from marketd.rest.errors import RestBadResponse, RestRateLimited, RestRejected
+
+log = get_logger(__name__)
+
+R = TypeVar("R")
+
+# Kafka header on every record that came from REST (TradeRecord also carries "backfill": true in
+# its JSON value; KlineRecord and AggTradeRecord have no such field, so the header is the mark).
+BACKFILL_HEADER: Final = ("backfill", b"1")
+
+
+@attrs.frozen
+class TradeBackfill:
+    """A page of recovered trades (or aggregate trades), ascending ids within the request.
+
+    `final` results carry no records; `lost` lists what could not be recovered (only on final).
+    Trade records have backfill=True; event_time = trade_time (REST has no event time).
+    """
+
+    request: RequestBackfill
+    records: Sequence[TradeRecord | AggTradeRecord]
+    final: bool = False
+    lost: tuple[LostRange, ...] = ()
+
+
+@attrs.frozen
+class KlineBackfill:
+    """A page of recovered closed klines, ascending open time within the request.
+
+    event_time = close_time and first/last_trade_id = -1: REST kline rows carry neither.
+    `lost` (only on final) are open-time ranges Binance did not return.
+    """
+
+    request: RequestKlines
+    records: Sequence[KlineRecord]
+    final: bool = False
+    lost: tuple[LostRange, ...] = ()
+
+
+BackfillResult = TradeBackfill | KlineBackfill
+Request = RequestBackfill | RequestKlines
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _GiveUp(Exception):
+    """Internal: stop this request; the rest of its range is lost for `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Backfiller:
+    def __init__(
+        self,
+        rest: BinanceRest,
+        deliver: Callable[[BackfillResult], Awaitable[None]],
+        *,
+        give_up_after_s: float,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        metrics: MetricsFactory | None = None,
+        wall_ms: Callable[[], int] = _wall_ms,
+    ) -> None:
+        self.rest = rest
+        self.deliver = deliver
+        self.give_up_after_s = give_up_after_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._wall_ms = wall_ms
+        self._throttle = Throttle(60.0)
+        m = metrics or MetricsFactory()
+        self._m_records = m.counter("backfill_records", "records recovered over REST", ["kind"])
+        self._m_requests = m.counter(
+            "backfill_requests", "backfill requests by outcome", ["kind", "outcome"]
+        )
+
+    async def run(self, request: Request) -> None:
+        """Serve one request to its end: pages delivered, then the final result. Never raises
+        for REST trouble (that becomes `lost`); `deliver`'s own errors propagate."""
+        kind = request.kind if isinstance(request, RequestBackfill) else "klines"
+        deadline = trio.current_time() + self.give_up_after_s
+        log.info("backfill.start", **attrs.asdict(request))
+        if isinstance(request, RequestBackfill):
+            lost = await self._trades(request, deadline)
+            await self.deliver(TradeBackfill(request, [], final=True, lost=tuple(lost)))
+        else:
+            lost = await self._klines(request, deadline)
+            await self.deliver(KlineBackfill(request, [], final=True, lost=tuple(lost)))
+        outcome = "repaired" if not lost else "partial" if _partial(request, lost) else "failed"
+        self._m_requests.labels(kind, outcome).inc()
+        if lost:
+            log.error(
+                "backfill.lost",
+                kind=kind,
+                symbol=request.symbol,
+                ranges=[f"{r.from_id}-{r.to_id}:{r.reason}" for r in lost],
+            )
+        else:
+            log.info("backfill.done", kind=kind, symbol=request.symbol)
+
+    # -- trades ---------------------------------------------------------------------------------
+
+    async def _trades(self, req: RequestBackfill, deadline: float) -> list[LostRange]:
+        lost: list[LostRange] = []
+        cur = req.from_id
+        endpoint = self.rest.historical_trades if req.kind == "trades" else self.rest.agg_trades
+        lagging = Backoff(self.backoff_initial_s, self.backoff_max_s)
+        while cur <= req.to_id:
+            limit = min(MAX_LIMIT, req.to_id - cur + 1)
+            try:
+                rows: Sequence[RestTrade | RestAggTrade] = await self._call(
+                    deadline, endpoint, req.symbol, cur, limit
+                )
+                if not rows:
+                    # Ids the live stream already showed but REST does not have yet: its
+                    # database lags. Retry like an outage.
+                    await self._retry(deadline, "rest_lagging", lagging, req)
+                    continue
+            except _GiveUp as exc:
+                lost.append(LostRange(cur, req.to_id, exc.reason))
+                break
+            first = _row_id(rows[0])
+            if first > req.to_id:
+                lost.append(LostRange(cur, req.to_id, _too_old(cur, req.from_id)))
+                break
+            if first > cur:
+                lost.append(LostRange(cur, first - 1, _too_old(cur, req.from_id)))
+            now_ms = self._wall_ms()
+            page = [
+                self._trade_record(req, row, now_ms) for row in rows if _row_id(row) <= req.to_id
+            ]
+            self._m_records.labels(req.kind).inc(len(page))
+            await self.deliver(TradeBackfill(req, page))
+            cur = _row_id(rows[-1]) + 1
+        return lost
+
+    def _trade_record(
+        self, req: RequestBackfill, row: RestTrade | RestAggTrade, now_ms: int
+    ) -> TradeRecord | AggTradeRecord:
+        if isinstance(row, RestTrade):
+            return TradeRecord(
+                symbol=req.symbol,
+                trade_id=row.id,
+                price=row.price,
+                quantity=row.qty,
+                trade_time=row.time,
+                event_time=row.time,
+                is_buyer_maker=row.is_buyer_maker,
+                ingested_at=now_ms,
+                source=SOURCE,
+                stream=req.symbol.lower() + "@trade",
+                schema_version=SCHEMA_VERSION,
+                backfill=True,
+            )
+        return AggTradeRecord(
+            symbol=req.symbol,
+            agg_trade_id=row.agg_id,
+            price=row.price,
+            quantity=row.qty,
+            first_trade_id=row.first_id,
+            last_trade_id=row.last_id,
+            trade_time=row.time,
+            event_time=row.time,
+            is_buyer_maker=row.is_buyer_maker,
+            ingested_at=now_ms,
+            source=SOURCE,
+            stream=req.symbol.lower() + "@aggTrade",
+            schema_version=SCHEMA_VERSION,
+        )
+
+    # -- klines ---------------------------------------------------------------------------------
+
+    async def _klines(self, req: RequestKlines, deadline: float) -> list[LostRange]:
+        lost: list[LostRange] = []
+        spec = parse_stream(req.stream)
+        step = interval_ms(req.interval)
+        fixed = req.interval != "1M"  # months have no fixed length
+        cur = req.start_ms
+        prev: int | None = None
+        while cur <= req.end_ms:
+            try:
+                rows: list[RestKline] = await self._call(
+                    deadline,
+                    self.rest.klines,
+                    req.symbol,
+                    req.interval,
+                    cur,
+                    req.end_ms,
+                    MAX_LIMIT,
+                    time_zone=spec.timezone,
+                )
+            except _GiveUp as exc:
+                lost.append(LostRange(cur, req.end_ms, exc.reason))
+                break
+            now_ms = self._wall_ms()
+            # Only klines inside the range and already over by the wall clock: never an open one.
+            rows = [k for k in rows if cur <= k.open_time <= req.end_ms and k.close_time < now_ms]
+            if not rows:
+                if prev is None and req.end_ms - req.start_ms + 1 >= step:
+                    lost.append(LostRange(req.start_ms, req.end_ms, "not_on_rest"))
+                break
+            for k in rows:
+                if fixed and prev is not None and k.open_time - prev > step:
+                    lost.append(LostRange(prev + step, k.open_time - step, "not_on_rest"))
+                prev = k.open_time
+            page = [self._kline_record(req, k, now_ms) for k in rows]
+            self._m_records.labels("klines").inc(len(page))
+            await self.deliver(KlineBackfill(req, page))
+            cur = rows[-1].open_time + 1
+        return lost
+
+    @staticmethod
+    def _kline_record(req: RequestKlines, k: RestKline, now_ms: int) -> KlineRecord:
+        return KlineRecord(
+            symbol=req.symbol,
+            interval=req.interval,
+            open_time=k.open_time,
+            close_time=k.close_time,
+            open=k.open,
+            high=k.high,
+            low=k.low,
+            close=k.close,
+            volume=k.volume,
+            quote_volume=k.quote_volume,
+            trades_count=k.trades_count,
+            taker_buy_base_volume=k.taker_buy_base_volume,
+            taker_buy_quote_volume=k.taker_buy_quote_volume,
+            first_trade_id=-1,
+            last_trade_id=-1,
+            is_closed=True,
+            event_time=k.close_time,
+            ingested_at=now_ms,
+            source=SOURCE,
+            stream=req.stream,
+            schema_version=SCHEMA_VERSION,
+        )
+
+    # -- retries --------------------------------------------------------------------------------
+
+    async def _call(
+        self, deadline: float, fn: Callable[..., Awaitable[Any]], *args: Any, **kw: Any
+    ) -> Any:
+        """One REST call, retried on transient errors until `deadline`; raises _GiveUp."""
+        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
+        while True:
+            # A long 429/418 block waits inside the budget: the deadline bounds that too.
+            with trio.move_on_at(deadline):
+                try:
+                    return await fn(*args, **kw)
+                except RestRejected as exc:
+                    log.error("backfill.rejected", error=str(exc))
+                    raise _GiveUp("rest_rejected") from exc
+                except TransientError as exc:
+                    reason = _reason(exc)
+                    self._log_retry(reason, exc)
+                    delay = backoff.delay()
+                    if trio.current_time() + delay >= deadline:
+                        raise _GiveUp(reason) from exc
+                    await trio.sleep(delay)
+                    continue
+            raise _GiveUp("rest_unavailable")
+
+    async def _retry(self, deadline: float, reason: str, backoff: Backoff, req: Request) -> None:
+        delay = backoff.delay()
+        if trio.current_time() + delay >= deadline:
+            raise _GiveUp(reason)
+        self._log_retry(reason, None, symbol=req.symbol)
+        await trio.sleep(delay)
+
+    def _log_retry(self, reason: str, exc: BaseException | None, **fields: Any) -> None:
+        suppressed = self._throttle.should_log(reason, trio.current_time())
+        if suppressed is not None:
+            log.warning(
+                "backfill.retry",
+                reason=reason,
+                error=str(exc) if exc else "",
+                suppressed_since_last=suppressed,
+                **fields,
+            )
+
+
+async def run_backfill(
+    requests_rx: trio.MemoryReceiveChannel[Request],
+    rest: BinanceRest,
+    deliver: Callable[[BackfillResult], Awaitable[None]],
+    *,
+    give_up_after_s: float,
+    concurrency: int = 4,
+    metrics: MetricsFactory | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve requests until `requests_rx` closes and the running ones have finished."""
+    backfiller = Backfiller(rest, deliver, give_up_after_s=give_up_after_s, metrics=metrics)
+    slots = trio.Semaphore(concurrency)
+
+    async def serve(request: Request) -> None:
+        try:
+            await backfiller.run(request)
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        async with requests_rx:
+            async for request in requests_rx:
+                # Full: stop taking requests, so the channel applies backpressure upstream.
+                await slots.acquire()
+                nursery.start_soon(serve, request)
+
+
+def route_result(
+    result: BackfillResult,
+    *,
+    trades: TradeGate[R] | None,
+    klines: KlineGate[R] | None,
+    wrap: Callable[[Any], R],
+    now: float,
+) -> list[Action[R]]:
+    """Feed one backfill result into its gate; `wrap` turns a record into the gate's R.
+
+    `trades` is the gate of the request's kind (trades or agg_trades). A result for a gate the
+    caller does not have is an error in the wiring.
+    """
+    if isinstance(result, TradeBackfill):
+        if trades is None:
+            raise ValueError(f"no trade gate for {result.request}")
+        req = result.request
+        actions = trades.on_backfill(
+            req.symbol, [(_record_id(r), r.trade_time, wrap(r)) for r in result.records], now=now
+        )
+        if result.final:
+            actions += trades.on_backfill_done(
+                req.symbol, req.from_id, req.to_id, result.lost, now=now
+            )
+        return actions
+    if klines is None:
+        raise ValueError(f"no kline gate for {result.request}")
+    actions = klines.on_backfill(
+        result.request.stream, [(k.open_time, wrap(k)) for k in result.records]
+    )
+    if result.final:
+        actions += klines.on_backfill_done(result.request, result.lost)
+    return actions
+
+
+def _row_id(row: RestTrade | RestAggTrade) -> int:
+    return row.id if isinstance(row, RestTrade) else row.agg_id
+
+
+def _record_id(record: TradeRecord | AggTradeRecord) -> int:
+    return record.trade_id if isinstance(record, TradeRecord) else record.agg_trade_id
+
+
+def _too_old(cur: int, from_id: int) -> str:
+    # Missing at the start of the range: older than what REST keeps. Further in: ids Binance
+    # skipped (they are not promised contiguous, API-NOTES §7.2).
+    return "history_too_old" if cur == from_id else "not_on_rest"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RestRateLimited):
+        return "rate_limited"
+    if isinstance(exc, RestBadResponse):
+        return "rest_bad_response"
+    return "rest_unavailable"
+
+
+def _partial(request: Request, lost: Sequence[LostRange]) -> bool:
+    start, end = (
+        (request.from_id, request.to_id)
+        if isinstance(request, RequestBackfill)
+        else (request.start_ms, request.end_ms)
+    )
+    return sum(r.to_id - r.from_id + 1 for r in lost) < end - start + 1

@@ -1,0 +1,589 @@
+"""Continuity of the tape and de-duplication of overlapping connections (pure: no trio, no I/O).
+
+`TradeGate` receives trades from live connections (one, or two overlapping during a rotation)
+and from REST backfill, and returns actions: emit in strictly increasing id order per symbol,
+request a backfill for a missing id range, publish a gap record. Duplicates are dropped and
+counted. `KlineGate` and `TickerDedup` drop the overlap for klines and tickers and find the
+closed klines a reconnect missed. Nothing here blocks; state lives until the object is dropped.
+
+Per-symbol guarantee of `TradeGate` (what `marketd verify tape` checks): each symbol's trades are
+emitted with strictly increasing ids, each id at most once; an id is skipped only after a gap
+record (repaired=false) for it was emitted, in tape order. Backfilled trades are emitted in
+their place in that order (never after a later live trade), flagged `backfill=True`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Final, Generic, NamedTuple, TypeVar
+
+import attrs
+from prometheus_client import CollectorRegistry
+
+from marketd.metrics import MetricsFactory
+from marketd.records import SCHEMA_VERSION, GapRecord
+
+R = TypeVar("R")
+
+DEFAULT_GAP_GRACE_S: Final = 1.0
+DEFAULT_MAX_HELD: Final = 50_000
+
+# -- actions --------------------------------------------------------------------------------------
+
+
+class Emit(NamedTuple, Generic[R]):
+    """Publish `record` now (in this order). `backfill`: it came from REST, mark it so."""
+
+    record: R
+    backfill: bool = False
+
+
+@attrs.frozen
+class RequestBackfill:
+    """Fetch trade ids from_id..to_id (inclusive) of `symbol` over REST."""
+
+    symbol: str
+    from_id: int
+    to_id: int
+    kind: str  # "trades" (historicalTrades) | "agg_trades" (aggTrades)
+    reason: str  # "reconnect" | "id_jump"
+
+
+@attrs.frozen
+class RequestKlines:
+    """Fetch the klines of `stream` with open time in [start_ms, end_ms] over REST (all closed)."""
+
+    stream: str
+    symbol: str
+    interval: str
+    start_ms: int
+    end_ms: int
+    reason: str
+
+
+@attrs.frozen
+class PublishGap:
+    """Publish `gap` to the gaps topic (it is already counted in marketd_gaps_total)."""
+
+    gap: GapRecord
+
+
+Action = Emit[R] | RequestBackfill | RequestKlines | PublishGap
+
+
+class LostRange(NamedTuple):
+    """Ids a backfill could not recover, and why ("history_too_old", "rest_unavailable", ...)."""
+
+    from_id: int
+    to_id: int
+    reason: str
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _GapMetrics:
+    def __init__(self, m: MetricsFactory) -> None:
+        self.gaps = m.counter(
+            "gaps", "trade/kline gaps, by outcome", ["kind", "reason", "repaired"]
+        )
+        self.duplicates = m.counter(
+            "overlap_duplicates", "records dropped as already emitted", ["kind", "source"]
+        )
+
+
+# The gates of one daemon share one registry; each family may be registered there only once.
+_shared: weakref.WeakKeyDictionary[CollectorRegistry, _GapMetrics] = weakref.WeakKeyDictionary()
+
+
+def _gap_metrics(metrics: MetricsFactory | None) -> _GapMetrics:
+    m = metrics or MetricsFactory()
+    found = _shared.get(m.registry)
+    if found is None:
+        found = _shared[m.registry] = _GapMetrics(m)
+    return found
+
+
+# -- trades ---------------------------------------------------------------------------------------
+
+
+@attrs.define
+class _Hole:
+    """Ids from_id..to_id are missing (neither emitted nor held)."""
+
+    from_id: int
+    to_id: int
+    since: float  # caller's monotonic clock, when it was detected
+    reason: str  # why it appeared (reconnect / id_jump), or why it was lost (when `lost`)
+    requested: bool = False
+    lost: bool = False  # backfill gave up on it: skipped with a gap record when the tape gets here
+
+
+@attrs.define
+class _Request:
+    from_id: int
+    to_id: int
+    reason: str
+    recovered: int = 0  # records the backfill delivered (and that were not duplicates)
+    lost: bool = False
+
+
+@attrs.define
+class _Trades(Generic[R]):
+    last: int | None = None  # last emitted id
+    last_time: int | None = None
+    top: int = 0  # highest id held (== last when nothing is held)
+    held: dict[int, tuple[R, bool, int | None]] = attrs.field(factory=dict)
+    holes: list[_Hole] = attrs.field(factory=list)  # ordered, disjoint, all inside (last, top)
+    requests: list[_Request] = attrs.field(factory=list)
+    reconnected: bool = False
+
+
+class TradeGate(Generic[R]):
+    """Per-symbol ordering, de-duplication and gap detection for one trade stream kind.
+
+    Feed it every live trade (`on_live`), every backfilled page (`on_backfill`) and the end of
+    each backfill (`on_backfill_done`); call `tick(now)` at least every `gap_grace_s` so gaps of
+    quiet symbols are requested. `now` is any monotonic clock in seconds (`trio.current_time()`).
+    A jump is requested after `gap_grace_s` (the other connection of a rotation usually fills
+    it within milliseconds; 0 = at once), or at once after `on_reconnect`.
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str = "trades",
+        gap_grace_s: float = DEFAULT_GAP_GRACE_S,
+        max_held: int = DEFAULT_MAX_HELD,
+        metrics: MetricsFactory | None = None,
+        wall_ms: Callable[[], int] = _wall_ms,
+    ) -> None:
+        if kind not in ("trades", "agg_trades"):
+            raise ValueError(f"kind must be trades or agg_trades, not {kind!r}")
+        self.kind = kind
+        self.gap_grace_s = gap_grace_s
+        self.max_held = max_held
+        self._stream_suffix = "@trade" if kind == "trades" else "@aggTrade"
+        self._state: dict[str, _Trades[R]] = {}
+        self._wall_ms = wall_ms
+        self._m = _gap_metrics(metrics)
+        self._dup_live = self._m.duplicates.labels(kind, "live")
+        self._dup_backfill = self._m.duplicates.labels(kind, "backfill")
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def on_live(
+        self,
+        symbol: str,
+        trade_id: int,
+        record: R,
+        *,
+        now: float,
+        trade_time_ms: int | None = None,
+    ) -> list[Action[R]]:
+        """A trade from a live connection. `trade_time_ms` only feeds gap records' times."""
+        st = self._state.get(symbol)
+        if st is None:
+            st = self._state[symbol] = _Trades()
+        last = st.last
+        # Fast path: the next id, nothing held (every trade on a healthy connection).
+        if last is not None and trade_id == last + 1 and not st.held:
+            st.last = st.top = trade_id
+            st.last_time = trade_time_ms
+            return [Emit(record)]
+        if last is None:
+            # First trade of this symbol: nothing to compare with.
+            st.last = st.top = trade_id
+            st.last_time = trade_time_ms
+            st.reconnected = False
+            return [Emit(record)]
+        out: list[Action[R]] = []
+        self._accept(symbol, st, trade_id, record, False, trade_time_ms, now, out)
+        self._drain(symbol, st, out)
+        self._due(symbol, st, now, out)
+        return out
+
+    def on_reconnect(self, symbol: str | None = None) -> None:
+        """A connection was lost and replaced (no overlap): the next jump is requested at once.
+
+        Not for a planned rotation where both connections overlap: there the other connection
+        fills small jumps itself.
+        """
+        targets = [self._state[symbol]] if symbol in self._state else []
+        if symbol is None:
+            targets = list(self._state.values())
+        for st in targets:
+            st.reconnected = True
+
+    def on_backfill(
+        self, symbol: str, trades: Iterable[tuple[int, int | None, R]], *, now: float = 0.0
+    ) -> list[Action[R]]:
+        """A page of backfilled trades: (trade_id, trade_time_ms, record), any order."""
+        out: list[Action[R]] = []
+        st = self._state.get(symbol)
+        if st is None or st.last is None:
+            return out  # nothing was requested for this symbol
+        for trade_id, trade_time, record in trades:
+            if self._accept(symbol, st, trade_id, record, True, trade_time, now, out):
+                for req in st.requests:
+                    if req.from_id <= trade_id <= req.to_id:
+                        req.recovered += 1
+                        break
+        self._drain(symbol, st, out)
+        return out
+
+    def on_backfill_done(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int,
+        lost: Sequence[LostRange] = (),
+        *,
+        now: float = 0.0,
+    ) -> list[Action[R]]:
+        """The backfill of from_id..to_id ended; `lost` are ranges it could not recover.
+
+        Ids of the range still missing afterwards are lost too (reason "not_on_rest": Binance
+        does not promise contiguous ids, API-NOTES §7.2), so nothing is held forever.
+        """
+        out: list[Action[R]] = []
+        st = self._state.get(symbol)
+        if st is None:
+            return out
+        for r in lost:
+            self._lose(st, max(r.from_id, from_id), min(r.to_id, to_id), r.reason)
+        self._lose(st, from_id, to_id, "not_on_rest")
+        self._drain(symbol, st, out)
+        return out
+
+    def on_backfill_failed(
+        self, symbol: str, from_id: int, to_id: int, reason: str, *, now: float = 0.0
+    ) -> list[Action[R]]:
+        """The whole range is unrecoverable: gap record(s) with repaired=false, then release."""
+        return self.on_backfill_done(
+            symbol, from_id, to_id, [LostRange(from_id, to_id, reason)], now=now
+        )
+
+    def tick(self, now: float) -> list[Action[R]]:
+        """Request the gaps whose grace period has passed."""
+        out: list[Action[R]] = []
+        for symbol, st in self._state.items():
+            if st.holes:
+                self._due(symbol, st, now, out)
+        return out
+
+    def flush(self, reason: str = "shutdown") -> list[Action[R]]:
+        """Give up every open gap now (at shutdown): gap records, then every held trade."""
+        out: list[Action[R]] = []
+        for symbol, st in self._state.items():
+            if st.holes and st.last is not None:
+                self._lose(st, st.last + 1, st.top, reason)
+                self._drain(symbol, st, out)
+        return out
+
+    # -- state, for metrics, health and tests --------------------------------------------------
+
+    def last_id(self, symbol: str) -> int | None:
+        st = self._state.get(symbol)
+        return None if st is None else st.last
+
+    def held(self, symbol: str | None = None) -> int:
+        if symbol is not None:
+            st = self._state.get(symbol)
+            return 0 if st is None else len(st.held)
+        return sum(len(st.held) for st in self._state.values())
+
+    def missing(self, symbol: str) -> list[tuple[int, int]]:
+        st = self._state.get(symbol)
+        return [] if st is None else [(h.from_id, h.to_id) for h in st.holes]
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _accept(
+        self,
+        symbol: str,
+        st: _Trades[R],
+        trade_id: int,
+        record: R,
+        backfill: bool,
+        trade_time: int | None,
+        now: float,
+        out: list[Action[R]],
+    ) -> bool:
+        """Hold a trade that is not a duplicate; returns whether it was taken."""
+        assert st.last is not None
+        if trade_id <= st.last or trade_id in st.held or self._in_lost(st, trade_id):
+            (self._dup_backfill if backfill else self._dup_live).inc()
+            return False
+        st.held[trade_id] = (record, backfill, trade_time)
+        if trade_id > st.top + 1:
+            reason = "reconnect" if st.reconnected else "id_jump"
+            # After a reconnect nobody else will fill the hole: request it without grace.
+            since = now - self.gap_grace_s if st.reconnected else now
+            st.holes.append(_Hole(st.top + 1, trade_id - 1, since, reason))
+            st.reconnected = False
+        if trade_id > st.top:
+            st.top = trade_id
+        else:
+            self._fill(st, trade_id)
+        if len(st.held) > self.max_held:
+            self._overflow(symbol, st, out)
+        return True
+
+    @staticmethod
+    def _in_lost(st: _Trades[R], trade_id: int) -> bool:
+        return any(h.lost and h.from_id <= trade_id <= h.to_id for h in st.holes)
+
+    @staticmethod
+    def _fill(st: _Trades[R], trade_id: int) -> None:
+        """`trade_id` arrived inside a hole: split the hole around it."""
+        i = bisect.bisect_right([h.from_id for h in st.holes], trade_id) - 1
+        if i < 0 or st.holes[i].to_id < trade_id:
+            return
+        h = st.holes[i]
+        pieces = []
+        if h.from_id < trade_id:
+            pieces.append(attrs.evolve(h, to_id=trade_id - 1))
+        if trade_id < h.to_id:
+            pieces.append(attrs.evolve(h, from_id=trade_id + 1))
+        st.holes[i : i + 1] = pieces
+
+    def _lose(self, st: _Trades[R], from_id: int, to_id: int, reason: str) -> None:
+        """Mark the still-missing ids of from_id..to_id as unrecoverable."""
+        if from_id > to_id:
+            return
+        holes: list[_Hole] = []
+        for h in st.holes:
+            if h.lost or h.to_id < from_id or h.from_id > to_id:
+                holes.append(h)
+                continue
+            lo, hi = max(h.from_id, from_id), min(h.to_id, to_id)
+            if h.from_id < lo:
+                holes.append(attrs.evolve(h, to_id=lo - 1))
+            holes.append(attrs.evolve(h, from_id=lo, to_id=hi, lost=True, reason=reason))
+            for req in st.requests:
+                if req.from_id <= hi and lo <= req.to_id:
+                    req.lost = True
+            if hi < h.to_id:
+                holes.append(attrs.evolve(h, from_id=hi + 1))
+        st.holes = holes
+
+    def _overflow(self, symbol: str, st: _Trades[R], out: list[Action[R]]) -> None:
+        # Holding more would grow memory without bound: give up the oldest hole(s) now. The
+        # held trades after it are released; a late backfill for it is then a duplicate.
+        while len(st.held) > self.max_held and st.holes:
+            front = st.holes[0]
+            self._lose(st, front.from_id, front.to_id, "hold_overflow")
+            self._drain(symbol, st, out)
+
+    def _drain(self, symbol: str, st: _Trades[R], out: list[Action[R]]) -> None:
+        assert st.last is not None
+        held = st.held
+        while True:
+            nxt = st.last + 1
+            item = held.pop(nxt, None)
+            if item is not None:
+                record, backfill, trade_time = item
+                out.append(Emit(record, backfill))
+                st.last = nxt
+                st.last_time = trade_time
+                continue
+            if st.holes and st.holes[0].lost and st.holes[0].from_id == nxt:
+                h = st.holes.pop(0)
+                after = held.get(h.to_id + 1)
+                out.append(self._gap(symbol, h.from_id, h.to_id, st.last_time, after, h.reason))
+                st.last = h.to_id
+                continue
+            break
+        if not held:
+            st.top = st.last
+            st.holes.clear()
+        self._close_requests(symbol, st, out)
+
+    def _close_requests(self, symbol: str, st: _Trades[R], out: list[Action[R]]) -> None:
+        assert st.last is not None
+        while st.requests and st.requests[0].to_id <= st.last:
+            req = st.requests.pop(0)
+            if req.recovered and not req.lost:
+                out.append(self._gap(symbol, req.from_id, req.to_id, None, None, req.reason, True))
+
+    def _due(self, symbol: str, st: _Trades[R], now: float, out: list[Action[R]]) -> None:
+        for h in st.holes:
+            if not h.requested and not h.lost and now - h.since >= self.gap_grace_s:
+                h.requested = True
+                st.requests.append(_Request(h.from_id, h.to_id, h.reason))
+                out.append(RequestBackfill(symbol, h.from_id, h.to_id, self.kind, h.reason))
+        st.requests.sort(key=lambda r: r.from_id)
+
+    def _gap(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int,
+        before_time: int | None,
+        after: tuple[R, bool, int | None] | None,
+        reason: str,
+        repaired: bool = False,
+    ) -> PublishGap:
+        self._m.gaps.labels(self.kind, reason, str(repaired).lower()).inc()
+        return PublishGap(
+            GapRecord(
+                symbol=symbol,
+                stream=symbol.lower() + self._stream_suffix,
+                kind=self.kind,
+                from_id=from_id,
+                to_id=to_id,
+                from_time=before_time,
+                to_time=after[2] if after is not None else None,
+                reason=reason,
+                repaired=repaired,
+                detected_at=self._wall_ms(),
+                schema_version=SCHEMA_VERSION,
+            )
+        )
+
+
+# -- klines ---------------------------------------------------------------------------------------
+
+
+@attrs.define
+class _Klines:
+    recent: OrderedDict[tuple[int, int], None] = attrs.field(factory=OrderedDict)
+    closed: OrderedDict[int, None] = attrs.field(factory=OrderedDict)
+    last_closed: int | None = None  # open time of the newest closed kline emitted
+    last_open: int | None = None  # newest open time emitted
+    reconnected: bool = False
+
+
+class KlineGate(Generic[R]):
+    """Kline overlap de-duplication and missed-closed-kline detection, per stream.
+
+    A kline update is a duplicate when (open_time, event_time) was already emitted for its
+    stream (the stream name carries symbol, interval and timezone), and stale when its kline was
+    already emitted closed (a lagging connection must not overwrite the final values). Memory is
+    bounded to `memory` keys per stream: overlaps last seconds, updates come every 1-2 s.
+    """
+
+    def __init__(self, *, memory: int = 256, metrics: MetricsFactory | None = None) -> None:
+        self.memory = memory
+        self._state: dict[str, _Klines] = {}
+        self._m = _gap_metrics(metrics)
+        self._dup_live = self._m.duplicates.labels("klines", "live")
+        self._dup_backfill = self._m.duplicates.labels("klines", "backfill")
+        self._wall_ms = _wall_ms
+
+    def on_reconnect(self, stream: str | None = None) -> None:
+        """The next kline of the stream (all streams if None) checks for missed closed klines."""
+        for name, st in self._state.items():
+            if stream is None or name == stream:
+                st.reconnected = True
+
+    def on_live(
+        self,
+        stream: str,
+        symbol: str,
+        interval: str,
+        open_time: int,
+        event_time: int,
+        is_closed: bool,
+        record: R,
+    ) -> list[Action[R]]:
+        st = self._state.get(stream)
+        if st is None:
+            st = self._state[stream] = _Klines()
+        if open_time in st.closed or (open_time, event_time) in st.recent:
+            self._dup_live.inc()
+            return []
+        out: list[Action[R]] = []
+        if st.reconnected:
+            st.reconnected = False
+            floor = st.last_closed + 1 if st.last_closed is not None else st.last_open
+            # Closed klines with open time in [floor, open_time) were due while we were away.
+            if floor is not None and floor < open_time:
+                out.append(
+                    RequestKlines(stream, symbol, interval, floor, open_time - 1, "reconnect")
+                )
+        self._remember(st, open_time, event_time, is_closed)
+        out.append(Emit(record))
+        return out
+
+    def on_backfill(self, stream: str, klines: Iterable[tuple[int, R]]) -> list[Action[R]]:
+        """Backfilled closed klines: (open_time, record). Already-closed ones are dropped."""
+        st = self._state.get(stream)
+        if st is None:
+            st = self._state[stream] = _Klines()
+        out: list[Action[R]] = []
+        for open_time, record in klines:
+            if open_time in st.closed:
+                self._dup_backfill.inc()
+                continue
+            self._remember(st, open_time, -1, True)
+            out.append(Emit(record, True))
+        return out
+
+    def on_backfill_done(
+        self, request: RequestKlines, lost: Sequence[LostRange] = ()
+    ) -> list[Action[R]]:
+        """Gap records (repaired=false) for the open-time ranges the backfill could not get."""
+        out: list[Action[R]] = []
+        for r in lost:
+            self._m.gaps.labels("klines", r.reason, "false").inc()
+            out.append(
+                PublishGap(
+                    GapRecord(
+                        symbol=request.symbol,
+                        stream=request.stream,
+                        kind="klines",
+                        from_id=r.from_id,
+                        to_id=r.to_id,
+                        from_time=r.from_id,
+                        to_time=r.to_id,
+                        reason=r.reason,
+                        repaired=False,
+                        detected_at=self._wall_ms(),
+                        schema_version=SCHEMA_VERSION,
+                    )
+                )
+            )
+        return out
+
+    def _remember(self, st: _Klines, open_time: int, event_time: int, is_closed: bool) -> None:
+        st.recent[(open_time, event_time)] = None
+        if len(st.recent) > self.memory:
+            st.recent.popitem(last=False)
+        if st.last_open is None or open_time > st.last_open:
+            st.last_open = open_time
+        if is_closed:
+            st.closed[open_time] = None
+            if len(st.closed) > self.memory:
+                st.closed.popitem(last=False)
+            if st.last_closed is None or open_time > st.last_closed:
+                st.last_closed = open_time
+
+
+# -- tickers ---------------------------------------------------------------------------------------
+
+
+class TickerDedup:
+    """Tickers are snapshots: keep one only if it is newer than the last one for its key.
+
+    The key is whatever identifies one ticker series: (stream, symbol) for array streams, or the
+    symbol. Equal or older event times (the other connection's copy) are dropped and counted.
+    """
+
+    def __init__(self, metrics: MetricsFactory | None = None) -> None:
+        self._last: dict[Hashable, int] = {}
+        self._dups = _gap_metrics(metrics).duplicates.labels("tickers", "live")
+
+    def admit(self, key: Hashable, event_time: int) -> bool:
+        last = self._last.get(key)
+        if last is not None and event_time <= last:
+            self._dups.inc()
+            return False
+        self._last[key] = event_time
+        return True
