@@ -504,6 +504,17 @@ class BackfillConfig:
         help="REST unavailable this long: publish the gap as unrepaired",
     )
     request_timeout_s: float = setting(10.0, check=_positive)
+    gap_grace_s: float = setting(
+        1.0,
+        check=_at_least(0),
+        help="a trade-id jump is requested after this long (a rotation's overlap fills it first)",
+    )
+    max_held_per_symbol: int = setting(
+        50_000,
+        check=_at_least(1),
+        help="live trades held behind a gap; past it the oldest gap is recorded unrepaired",
+    )
+    concurrency: int = setting(4, check=_at_least(1), help="backfill requests in flight")
 
 
 @attrs.frozen

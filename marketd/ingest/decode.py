@@ -53,6 +53,10 @@ class Outgoing(NamedTuple):
     value: bytes
     recv_ns: int
     headers: list[tuple[str, bytes]] | None = None
+    # What the continuity gates need, without parsing the value again:
+    # ("trade", symbol, trade_id, trade_time) | ("kline", stream, symbol, interval, open_time,
+    # event_time, is_closed) | ("ticker", stream, symbol, event_time); None for other kinds.
+    ident: tuple[Any, ...] | None = None
 
 
 class Reject(Exception):
@@ -77,6 +81,7 @@ class _Route(NamedTuple):
     build: Callable[[StreamSpec, str, Any, int], Any]
     label: str
     all_market: bool
+    ident: Callable[[Any], tuple[Any, ...]] | None
 
 
 class Topics(NamedTuple):
@@ -281,6 +286,7 @@ class Decoder:
             builders.get(spec.kind, functools.partial(self._build_routed, spec.kind)),
             str(spec.kind.value),
             spec.all_market,
+            _IDENT.get(spec.kind),
         )
         if len(self._routes) < 100_000:  # bounded: garbage stream names must not grow memory
             self._routes[stream] = route
@@ -334,7 +340,12 @@ class Decoder:
         payload = route.decoder.decode(raw)
         self._check_duplicates(text, wrapper_keys + _present_keys(payload))
         record = route.build(route.spec, stream, payload, now_ms)
-        out.append(Outgoing(route.topic, record.symbol.encode(), _ENCODE(record), frame.recv_ns))
+        ident = route.ident(record) if route.ident is not None else None
+        out.append(
+            Outgoing(
+                route.topic, record.symbol.encode(), _ENCODE(record), frame.recv_ns, None, ident
+            )
+        )
         self.records_total.inc(route.label)
 
     def _time(self, value: int, name: str, now_ms: int) -> int:
@@ -612,6 +623,20 @@ class Decoder:
             return None
         return env.stream if isinstance(env.stream, str) else None
 
+
+_IDENT: dict[StreamKind, Callable[[Any], tuple[Any, ...]]] = {
+    StreamKind.TRADE: lambda r: ("trade", r.symbol, r.trade_id, r.trade_time),
+    StreamKind.KLINE: lambda r: (
+        "kline",
+        r.stream,
+        r.symbol,
+        r.interval,
+        r.open_time,
+        r.event_time,
+        r.is_closed,
+    ),
+    StreamKind.TICKER: lambda r: ("ticker", r.stream, r.symbol, r.event_time),
+}
 
 _ARRAY_TYPES: dict[type[msgspec.Struct], Any] = {}
 

@@ -15,6 +15,7 @@ import random
 import ssl
 import time
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import attrs
@@ -29,6 +30,7 @@ from marketd.errors import ConnectionLost
 from marketd.ingest.decode import Frame
 from marketd.ingest.limits import TokenBucket
 from marketd.ingest.streams import StreamSpec
+from marketd.ingest.tape import Reconnected
 from marketd.logs import get_logger
 from marketd.metrics import FastCounter, MetricsFactory
 
@@ -109,7 +111,7 @@ async def run_connection(
     streams: Sequence[StreamSpec],
     cfg: BinanceConfig,
     rotation: RotationConfig,
-    frames_tx: trio.MemorySendChannel[Frame],
+    frames_tx: trio.MemorySendChannel[Any],
     attempts: TokenBucket,
     metrics: SourceMetrics,
     stop: trio.Event,
@@ -120,12 +122,17 @@ async def run_connection(
     conn = str(conn_id)
     state = ConnectionState()
     metrics.last_frame.labels(conn).set_function(lambda: state.last_frame_ns / 1e9)
+    lost_before = False
     async with frames_tx:
         while not stop.is_set():
             await attempts.take()
             link = _Link(
                 conn_id, url, streams, cfg, rotation, frames_tx, attempts, metrics, stop, state
             )
+            # After a loss, the new connection first tells the decoder (in frame order) that
+            # its streams may have a hole, so the tape keeper checks the next ids at once.
+            link.notify_reconnect = lost_before
+            lost_before = True
             try:
                 await link.run()
                 reason, detail = "shutdown", ""
@@ -180,7 +187,7 @@ class _Link:
         streams: Sequence[StreamSpec],
         cfg: BinanceConfig,
         rotation: RotationConfig,
-        frames_tx: trio.MemorySendChannel[Frame],
+        frames_tx: trio.MemorySendChannel[Any],
         attempts: TokenBucket,
         metrics: SourceMetrics,
         stop: trio.Event,
@@ -198,6 +205,7 @@ class _Link:
         self.state = state
         self.connected_at: float | None = None
         self.rotations = 0
+        self.notify_reconnect = False
 
     async def run(self) -> None:
         """Returns when `stop` is set; raises ConnectionLost when the link is lost."""
@@ -284,6 +292,9 @@ class _Link:
                     streams=len(self.streams),
                     url=_redact(self.url),
                 )
+                if self.notify_reconnect:
+                    self.notify_reconnect = False
+                    await self.frames_tx.send(Reconnected(self.conn_id, tuple(self.streams)))
                 if not wait_first_frame:
                     task_status.started(sock)
                 async with trio.open_nursery() as nursery:
@@ -366,7 +377,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 async def _read(
     conn_id: int,
     ws: trio_websocket.WebSocketConnection,
-    frames_tx: trio.MemorySendChannel[Frame],
+    frames_tx: trio.MemorySendChannel[Any],
     state: ConnectionState,
     metrics: SourceMetrics,
     cfg: BinanceConfig,
@@ -408,7 +419,7 @@ async def _read(
 
 
 async def _hand_over_slowly(
-    frame: Frame, frames_tx: trio.MemorySendChannel[Frame], cfg: BinanceConfig, conn_id: int
+    frame: Frame, frames_tx: trio.MemorySendChannel[Any], cfg: BinanceConfig, conn_id: int
 ) -> None:
     """The decoder is behind: wait for room, shielded so a received frame is never lost.
 

@@ -52,7 +52,7 @@ async def test_every_valid_frame_once_and_every_invalid_in_dlq(kafka: TestKafka)
     names = topics()
     valid = (
         [f.trade(i) for i in range(1, 301)]
-        + [f.kline(), f.kline(closed=True)]
+        + [f.kline(), f.kline(closed=True, event_time=f.now_ms() + 5)]
         + [f.ticker(), f.ticker("ETHUSDT")]
     )
     invalid = [

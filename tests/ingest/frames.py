@@ -39,7 +39,11 @@ def trade(trade_id: int = 1, symbol: str = "BTCUSDT", **over: Any) -> str:
 
 
 def kline_data(
-    symbol: str = "BTCUSDT", interval: str = "1m", closed: bool = False, **over: Any
+    symbol: str = "BTCUSDT",
+    interval: str = "1m",
+    closed: bool = False,
+    event_time: int | None = None,
+    **over: Any,
 ) -> dict[str, Any]:
     t = now_ms()
     start = t - t % 60_000
@@ -63,7 +67,7 @@ def kline_data(
         "B": "123456",
     }
     k.update(over)
-    return {"e": "kline", "E": t, "s": symbol, "k": k}
+    return {"e": "kline", "E": event_time or t, "s": symbol, "k": k}
 
 
 def kline(symbol: str = "BTCUSDT", interval: str = "1m", **over: Any) -> str:

@@ -1,0 +1,150 @@
+"""Tape keeping in the decode stage: the continuity gates applied to decoded records.
+
+Receives decoded `Outgoing` records (with their identity), reconnect notices from the sources
+and backfill results; emits records in per-symbol id order with overlap duplicates dropped,
+backfill requests for the backfill task, and gap records for the gaps topic. Pure apart from the
+clock passed in; the decode task owns it. At drain, `flush()` releases every held record behind
+an unrepaired gap record, so nothing accepted is kept back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import msgspec
+
+from marketd.ingest.backfill import BACKFILL_HEADER, BackfillResult, route_result
+from marketd.ingest.continuity import (
+    Action,
+    Emit,
+    KlineGate,
+    PublishGap,
+    RequestBackfill,
+    RequestKlines,
+    TickerDedup,
+    TradeGate,
+)
+from marketd.ingest.decode import Outgoing
+from marketd.ingest.streams import StreamKind, StreamSpec
+from marketd.metrics import MetricsFactory
+
+_encode = msgspec.json.Encoder().encode
+
+Request = RequestBackfill | RequestKlines
+
+
+@attrs.frozen
+class Reconnected:
+    """A source lost its connection and has a new one: what it carried may have a hole."""
+
+    conn: int
+    streams: tuple[StreamSpec, ...]
+
+
+class TapeKeeper:
+    def __init__(
+        self,
+        *,
+        gaps_topic: str,
+        backfill_topics: dict[type, str],
+        request: Callable[[Request], bool],
+        gap_grace_s: float = 1.0,
+        max_held: int = 50_000,
+        metrics: MetricsFactory | None = None,
+    ) -> None:
+        """`request` hands a backfill request on; False when backfill is unavailable."""
+        self.gaps_topic = gaps_topic
+        self._backfill_topics = backfill_topics  # record type -> topic of recovered records
+        self._request = request
+        self.trades: TradeGate[Outgoing] = TradeGate(
+            gap_grace_s=gap_grace_s, max_held=max_held, metrics=metrics
+        )
+        self.klines: KlineGate[Outgoing] = KlineGate(metrics=metrics)
+        self.tickers = TickerDedup(metrics)
+
+    def admit(self, chunk: Sequence[Outgoing], now: float) -> list[Outgoing]:
+        """Decoded records in, records to publish out (same order unless a gate holds some)."""
+        out: list[Outgoing] = []
+        trades_on_live = self.trades.on_live
+        for o in chunk:
+            ident = o.ident
+            if ident is None:
+                out.append(o)
+                continue
+            kind = ident[0]
+            if kind == "trade":
+                actions = trades_on_live(ident[1], ident[2], o, now=now, trade_time_ms=ident[3])
+                if len(actions) == 1 and type(actions[0]) is Emit:
+                    out.append(o)  # the common case: the next id, nothing held
+                else:
+                    self._apply(actions, out, now)
+            elif kind == "kline":
+                _, stream, symbol, interval, open_time, event_time, closed = ident
+                self._apply(
+                    self.klines.on_live(stream, symbol, interval, open_time, event_time, closed, o),
+                    out,
+                    now,
+                )
+            elif self.tickers.admit((ident[1], ident[2]), ident[3]):
+                out.append(o)
+        return out
+
+    def on_reconnect(self, notice: Reconnected) -> None:
+        for spec in notice.streams:
+            if spec.kind is StreamKind.TRADE and spec.symbol is not None:
+                self.trades.on_reconnect(spec.symbol)
+            elif spec.kind is StreamKind.KLINE:
+                self.klines.on_reconnect(spec.name)
+
+    def on_backfill(self, result: BackfillResult, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        self._apply(
+            route_result(result, trades=self.trades, klines=self.klines, wrap=self._wrap, now=now),
+            out,
+            now,
+        )
+        return out
+
+    def tick(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        self._apply(self.trades.tick(now), out, now)
+        return out
+
+    def flush(self, reason: str = "shutdown") -> list[Outgoing]:
+        out: list[Outgoing] = []
+        self._apply(self.trades.flush(reason), out, 0.0)
+        return out
+
+    def _apply(self, actions: list[Action[Outgoing]], out: list[Outgoing], now: float) -> None:
+        for action in actions:
+            if isinstance(action, Emit):
+                out.append(action.record)
+            elif isinstance(action, PublishGap):
+                gap = action.gap
+                out.append(
+                    Outgoing(self.gaps_topic, gap.symbol.encode(), _encode(gap), 0, None, None)
+                )
+            elif isinstance(action, RequestBackfill | RequestKlines) and not self._request(action):
+                self._unavailable(action, out, now)
+
+    def _wrap(self, record: Any) -> Outgoing:
+        """A record recovered over REST, ready to produce, marked by a header (and value field)."""
+        topic = self._backfill_topics[type(record)]
+        return Outgoing(topic, record.symbol.encode(), _encode(record), 0, [BACKFILL_HEADER], None)
+
+    def _unavailable(self, request: Request, out: list[Outgoing], now: float) -> None:
+        # No backfill here (disabled, or its queue is full): the range is a known, recorded gap.
+        if isinstance(request, RequestBackfill):
+            self._apply(
+                self.trades.on_backfill_failed(
+                    request.symbol,
+                    request.from_id,
+                    request.to_id,
+                    "backfill_unavailable",
+                    now=now,
+                ),
+                out,
+                now,
+            )
