@@ -294,7 +294,7 @@ async def run_ingest(
         # Sources are done. Running backfills get a short grace to repair what they are
         # fetching; what is still missing then becomes gap records when the keeper flushes.
         with trio.move_on_after(min(5.0, cfg.shutdown.drain_timeout_s / 3)):
-            while keeper.trades.held():
+            while keeper.trades.held():  # noqa: ASYNC110 - state of a pure object, no event
                 await trio.sleep(0.05)
         backfill_scope.cancel()
     summary = stats.summary()
