@@ -120,36 +120,36 @@ class TapeReader(threading.Thread):
 
 
 def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
+    # The mock cluster lives in this process, so the tape can be read to its end after marketd
+    # exits; marketd reaches it over loopback like any broker.
+    cluster = EmbeddedCluster()
+    topic = f"raw_trades_{time.time_ns()}"
     env = {
         **os.environ,
         "LOG_FORMAT": "json",
         "MARKETD_COMPONENTS": "ingest",
-        "KAFKA_BOOTSTRAP_SERVERS": "embedded",
+        "KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap_servers,
         "BINANCE_WS_URL": ws_url,
+        "BINANCE_REST_URL": ws_url.replace("ws://", "http://").removesuffix("/stream"),
         "BINANCE_STREAMS": ",".join(STREAMS),
+        "TOPIC_RAW_TRADES": topic,
         **extra_env,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "marketd.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
     )
-    assert proc.stderr is not None
     events: list[dict[str, Any]] = []
-    bootstrap = None
-    while bootstrap is None:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit("marketd exited early")
-        ev = json.loads(line) if line.startswith("{") else {}
-        events.append(ev)
-        if ev.get("event") == "kafka.embedded_started":
-            bootstrap = ev["bootstrap_servers"]
-    reader = TapeReader(bootstrap, "raw_trades")
-    reader.start()
-    collector = threading.Thread(
-        target=lambda: events.extend(json.loads(x) for x in proc.stderr if x.startswith("{")),
-        daemon=True,
-    )  # type: ignore[union-attr]
+
+    def collect() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+
+    collector = threading.Thread(target=collect, daemon=True)
     collector.start()
+    reader = TapeReader(cluster.bootstrap_servers, topic)
+    reader.start()
     ps = psutil.Process(proc.pid)
     peak_rss = 0
     rss_samples: list[tuple[float, int]] = []
@@ -166,11 +166,15 @@ def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[
     proc.terminate()
     proc.wait(60)
     collector.join(5)
-    time.sleep(1.5)
+    stopped = next(e for e in reversed(events) if e.get("event") == "ingest.stopped")
+    accepted, delivered, failed = map(int, stopped[topic].split("/"))
+    deadline = time.monotonic() + 60
+    while reader.count < delivered and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # anything read beyond `delivered` would be a duplicate
     reader.stop.set()
     reader.join(10)
-    stopped = next(e for e in reversed(events) if e.get("event") == "ingest.stopped")
-    accepted, delivered, failed = map(int, stopped["raw_trades"].split("/"))
+    cluster.close()
     dups = gaps = 0
     for ids in reader.ids.values():
         s = sorted(ids)
