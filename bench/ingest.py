@@ -28,6 +28,8 @@ import psutil
 import trio
 import trio_websocket
 
+from marketd.kafka.client import EmbeddedCluster
+
 SYMBOLS = [
     "btcusdt",
     "ethusdt",
