@@ -1,0 +1,75 @@
+"""The command-line contract shared by every job (operators and the Airflow DAGs rely on it).
+
+`--source kafka|files`, `--input`, `--sink parquet|postgres|redis` (repeatable), `--output`,
+`--dsn`, `--redis-url`, `--checkpoint`, `--once`; Kafka settings come from the daemon's env vars
+(KAFKA_BOOTSTRAP_SERVERS, TOPIC_RAW_TRADES, TOPIC_RAW_KLINES), PostgreSQL and Redis defaults from
+POSTGRES_DSN and REDIS_URL. Bad combinations exit with status 2 and a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+SINKS = ("parquet", "postgres", "redis")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    env = os.environ
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--source", choices=("kafka", "files"), default="kafka")
+    p.add_argument("--input", help="directory of JSON-lines files (--source files)")
+    p.add_argument(
+        "--max-files-per-trigger", type=int, default=0, help="files per micro-batch (0 = all)"
+    )
+    p.add_argument(
+        "--max-offsets-per-trigger", type=int, default=0, help="Kafka records per micro-batch"
+    )
+    p.add_argument(
+        "--starting-offsets", default="earliest", help="Kafka, first run only (earliest|latest)"
+    )
+    p.add_argument(
+        "--kafka-bootstrap-servers",
+        default=env.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"),
+        help="default: $KAFKA_BOOTSTRAP_SERVERS",
+    )
+    p.add_argument("--sink", action="append", choices=SINKS, default=[], help="repeatable")
+    p.add_argument("--output", help="Parquet root: a local path or s3://bucket/prefix")
+    p.add_argument("--dsn", default=env.get("POSTGRES_DSN", ""), help="default: $POSTGRES_DSN")
+    p.add_argument(
+        "--redis-url",
+        default=env.get("REDIS_URL", ""),
+        help="default: $REDIS_URL",
+    )
+    p.add_argument("--redis-prefix", default="analytics", help="Redis key prefix")
+    p.add_argument("--checkpoint", required=True, help="Spark checkpoint + driver state (local)")
+    p.add_argument("--once", action="store_true", help="process everything available, then stop")
+    p.add_argument(
+        "--trigger-seconds", type=float, default=1.0, help="micro-batch interval (streaming)"
+    )
+    p.add_argument("--master", help="Spark master (default: spark-submit's, or local[2])")
+    p.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
+    return p
+
+
+def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if not args.sink:
+        p.error("give at least one --sink (parquet, postgres, redis)")
+    args.sink = sorted(set(args.sink), key=SINKS.index)
+    if args.source == "files" and not args.input:
+        p.error("--source files needs --input DIR")
+    if "parquet" in args.sink and not args.output:
+        p.error("--sink parquet needs --output DIR (or s3://bucket/prefix)")
+    if "postgres" in args.sink and not args.dsn:
+        p.error("--sink postgres needs --dsn (or POSTGRES_DSN)")
+    if "redis" in args.sink and not args.redis_url:
+        p.error("--sink redis needs --redis-url (or REDIS_URL)")
+    if "redis" in args.sink and args.redis_url == "embedded":
+        p.error("--redis-url embedded names the daemon's private redis-server; give its URL")
+    if args.trigger_seconds <= 0:
+        p.error("--trigger-seconds must be > 0")
+    return args
+
+
+def topic(env_var: str, default: str) -> str:
+    return os.environ.get(env_var, default)

@@ -1,0 +1,1 @@
+"""One module per job: its arguments, output table, micro-batch processor and `main`."""

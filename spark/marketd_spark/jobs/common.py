@@ -1,0 +1,62 @@
+"""Pieces every job's `main` shares: interval parsing, sink construction, the run wrapper."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Iterable
+
+from pyspark.sql import DataFrame, SparkSession
+
+from marketd_spark.logs import event, get_logger, setup
+from marketd_spark.runner import Processor, start, wait
+from marketd_spark.session import get_session
+from marketd_spark.sinks import Row, Sink, Table
+from marketd_spark.sinks.parquet import ParquetSink
+from marketd_spark.sinks.postgres import PostgresSink
+from marketd_spark.sinks.redis import Latest, RedisSink
+
+log = get_logger(__name__)
+
+_UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def interval_ms(label: str) -> int:
+    m = re.fullmatch(r"([1-9][0-9]{0,2})([smhd])", label)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{label!r} is not an interval like 1m, 5m, 15m, 1h")
+    return int(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def make_sinks(
+    args: argparse.Namespace,
+    table: Table,
+    *,
+    latest: Callable[[list[Row]], Iterable[Latest]] | None = None,
+    events: Callable[[list[Row]], Iterable[tuple[str, int, Row]]] | None = None,
+) -> list[Sink]:
+    sinks: list[Sink] = []
+    for name in args.sink:
+        if name == "parquet":
+            sinks.append(ParquetSink(args.output, table))
+        elif name == "postgres":
+            sinks.append(PostgresSink(args.dsn, table))
+        elif name == "redis":
+            sinks.append(RedisSink(args.redis_url, latest=latest, events=events))
+    return sinks
+
+
+def run_main(
+    app_name: str,
+    args: argparse.Namespace,
+    build: Callable[[SparkSession, argparse.Namespace], tuple[DataFrame, Processor]],
+) -> int:
+    """Session, source, processor, query: the body of every submit script."""
+    setup(args.log_level)
+    spark = get_session(app_name, args.master)
+    values, processor = build(spark, args)
+    event(log, "job.start", job=app_name, source=args.source, sinks=",".join(args.sink))
+    query = start(spark, args, values, processor)
+    code = wait(query, processor)
+    spark.stop()
+    return code
