@@ -1,0 +1,80 @@
+"""The API component: the Quart-Trio app served by Hypercorn inside the daemon's nursery.
+
+Binds API_HOST:API_PORT, calls started() once listening (logs `api.listening`), and shuts down
+gracefully when `rt.draining` is set: Hypercorn stops accepting, lets in-flight requests finish
+(bounded by GRACEFUL_TIMEOUT_S), then the app's lifespan stops its Redis reader.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve
+
+from marketd.api.app import API_COMPONENT, create_app
+from marketd.logs import get_logger
+from marketd.runtime import Runtime
+
+log = get_logger(__name__)
+
+GRACEFUL_TIMEOUT_S: Final = 5.0  # in-flight requests get this long after the drain signal
+KEEP_ALIVE_S: Final = 5.0
+
+
+def hypercorn_config(host: str, port: int) -> HyperConfig:
+    config = HyperConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None  # per-request lines would flood; /metrics counts requests
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.keep_alive_timeout = KEEP_ALIVE_S
+    return config
+
+
+async def serve_app(
+    app: Any,
+    config: HyperConfig,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `shutdown_trigger` returns; started() with the bound (host, port) pairs."""
+
+    async def _serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(_serve)
+        addresses = []
+        for bind in binds:
+            parts = urlsplit(bind)
+            addresses.append((parts.hostname or "", parts.port or 0))
+        task_status.started(addresses)
+
+
+async def run_api(
+    rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Component entry point: started() once listening; returns after the drain."""
+    cfg = rt.config.api
+    rt.health.set(API_COMPONENT, started=False, healthy=False, detail="starting")
+    app = create_app(rt)
+    try:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(
+                functools.partial(serve_app, app, hypercorn_config(cfg.host, cfg.port)),
+                rt.draining.wait,
+            )
+            for host, port in addresses:
+                log.info("api.listening", host=host, port=port)
+            rt.health.set(API_COMPONENT, started=True, healthy=True, detail="listening")
+            task_status.started()
+    finally:
+        rt.health.set(API_COMPONENT, healthy=False, detail="stopped")
+    log.info("api.stopped")

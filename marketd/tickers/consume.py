@@ -1,0 +1,328 @@
+"""The ticker consumer component: Kafka raw_tickers -> rules -> Redis `ticker:{SYMBOL}` hashes.
+
+Receives batches from the feed (a worker thread blocking in poll), validates each value (invalid
+-> DLQ), keeps the tracked symbols, collapses the batch to the newest acceptable record per symbol
+(rules.py) and writes it with one conditional pipeline (store.py). At-least-once: offsets are
+committed only after the write succeeded; while Redis is down the partitions are paused and the
+held batch is retried with backoff. On drain it commits what it stored, closes the consumer and
+returns.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import msgspec
+import trio
+
+from marketd.backoff import Backoff
+from marketd.errors import ConfigError, StoreUnavailable
+from marketd.kafka.client import EMBEDDED, consumer_settings, producer_settings
+from marketd.logs import Throttle, get_logger
+from marketd.records import TickerRecord
+from marketd.runtime import Runtime
+from marketd.tickers import state as ticker_state
+from marketd.tickers.dlq import DeadLetters
+from marketd.tickers.feed import TickerFeed, TopicPartition, next_offsets, tuning
+from marketd.tickers.rules import Invalid, Limits, Plan, parse_ticker, plan_batch, tracked_symbols
+from marketd.tickers.store import TickerStore, WriteResult, WriteStatus
+
+log = get_logger(__name__)
+
+COMPONENT: Final = "tickers"
+# Commits are batched in time, not per batch: at 1,000 tickers/s every message is its own batch,
+# and 1,000 OffsetCommit requests/s would load the broker for nothing. Committing later than
+# storing only widens the window of duplicates after a crash, which the conditional write skips.
+COMMIT_INTERVAL_S: Final = 0.2
+LAG_INTERVAL_S: Final = 1.0
+REDIS_TIMEOUT_S: Final = 2.0  # connect and per-reply bound: a hung Redis becomes an outage
+STARTUP_REDIS_WAIT_S: Final = 30.0  # Redis unreachable this long at start: fail (supervisor)
+OUTAGE_BACKOFF_INITIAL_S: Final = 0.1
+OUTAGE_BACKOFF_MAX_S: Final = 5.0
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class TickerConsumer:
+    """The consume -> rules -> store loop. Owns nothing: run_tickers builds and closes the parts."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        feed: TickerFeed,
+        store: TickerStore,
+        dlq: DeadLetters,
+    ) -> None:
+        cfg = rt.config.tickers
+        self.rt = rt
+        self.feed = feed
+        self.store = store
+        self.dlq = dlq
+        self.state, self.metrics = ticker_state.attach(rt)
+        self.tracked = tracked_symbols(cfg.symbols)
+        self.limits = Limits(cfg.watermark_delay_ms, cfg.max_future_ms)
+        self.ttl_s = cfg.ttl_s
+        self._redis_limiter = trio.CapacityLimiter(1)
+        self._throttle = Throttle(60.0)
+        self._pending: list[TickerRecord] = []  # tracked, valid, not yet written
+        self._offsets: dict[TopicPartition, int] = {}  # of the messages behind _pending
+        self._uncommitted: dict[TopicPartition, int] = {}  # stored, commit due
+        self.stored_offsets: dict[TopicPartition, int] = {}  # stored, all partitions
+        self._next_commit = 0.0
+        self._next_lag = 0.0
+        self._outage_since: float | None = None
+        self._outage_attempts = 0
+        self._backoff = Backoff(OUTAGE_BACKOFF_INITIAL_S, OUTAGE_BACKOFF_MAX_S)
+        self._consumed = self.metrics.consumed
+        self._batch_size = self.metrics.batch_size.labels()
+        self._write_latency = self.metrics.redis_write.labels()
+        self._event_latency = self.metrics.event_to_stored.labels()
+        self._ingest_latency = self.metrics.ingested_to_stored.labels()
+
+    async def redis_call(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._redis_limiter)
+
+    async def run(self) -> None:
+        """Consume until `rt.draining`; then commit what was stored (close() does it)."""
+        draining = self.rt.draining
+        while not draining.is_set():
+            messages = await self.feed.fetch()
+            if messages:
+                self.accept(messages)
+            if (self._pending or self._offsets) and not await self.store_pending():
+                return  # drain requested during a Redis outage: nothing more is committed
+            now = trio.current_time()
+            if self._uncommitted and now >= self._next_commit:
+                self.commit(now)
+            if now >= self._next_lag:
+                self.state.consumer_lag = self.feed.lag()
+                self._next_lag = now + LAG_INTERVAL_S
+
+    def accept(self, messages: list[Any]) -> None:
+        """Validate and filter one fetched batch into the pending records."""
+        self.state.last_message_ms = _now_ms()
+        self._consumed.inc(self.feed.topic, len(messages))
+        self._batch_size.observe(len(messages))
+        tracked = self.tracked
+        pending = self._pending
+        for msg in messages:
+            try:
+                record = parse_ticker(msg.value())
+            except Invalid as exc:
+                self._invalid(msg, exc)
+                continue
+            if record.symbol not in tracked:
+                upper = record.symbol.upper()
+                if upper not in tracked:
+                    self.metrics.skipped.inc("untracked")
+                    continue
+                record = msgspec.structs.replace(record, symbol=upper)
+            pending.append(record)
+        next_offsets(messages, self._offsets)
+
+    def _invalid(self, msg: Any, exc: Invalid) -> None:
+        self.metrics.invalid.inc(exc.reason)
+        suppressed = self._throttle.should_log(exc.reason, trio.current_time())
+        if suppressed is not None:
+            log.warning(
+                "tickers.invalid",
+                reason=exc.reason,
+                detail=exc.detail[:300],
+                partition=msg.partition(),
+                offset=msg.offset(),
+                sample=(msg.value() or b"")[:160],
+                suppressed_since_last=suppressed,
+            )
+        self.dlq.send(msg, exc.reason, exc.detail)
+
+    async def store_pending(self) -> bool:
+        """Write the pending batch, retrying through Redis outages. False: drained meanwhile."""
+        while True:
+            plan = plan_batch(self._pending, _now_ms(), self.state.stored, self.limits)
+            results: list[WriteResult] = []
+            if plan.writes:
+                try:
+                    results = await self._write(plan)
+                except StoreUnavailable as exc:
+                    if not await self._outage(exc):
+                        return False
+                    continue
+            if self._outage_since is not None:
+                self._recovered()
+            self._account(plan, results)
+            if self.dlq.unflushed:
+                await self.dlq.flush()  # dead letters are acknowledged before their commit
+            for key, offset in self._offsets.items():
+                self._uncommitted[key] = max(offset, self._uncommitted.get(key, -1))
+                self.stored_offsets[key] = max(offset, self.stored_offsets.get(key, -1))
+            self._pending = []
+            self._offsets = {}
+            return True
+
+    async def _write(self, plan: Plan) -> list[WriteResult]:
+        records = list(plan.writes.values())
+        started = time.perf_counter()
+        updated_at = _now_ms()
+        results: list[WriteResult] = await self.redis_call(
+            self.store.write, records, updated_at, self.ttl_s
+        )
+        done_ns = time.time_ns()
+        self._write_latency.observe(time.perf_counter() - started)
+        for record, result in zip(records, results, strict=True):
+            if result.status is WriteStatus.STORED:
+                self._event_latency.observe(max(0.0, done_ns / 1e9 - record.event_time / 1e3))
+                self._ingest_latency.observe(max(0.0, done_ns / 1e9 - record.ingested_at / 1e3))
+        return results
+
+    def _account(self, plan: Plan, results: list[WriteResult]) -> None:
+        m = self.metrics
+        for verdict, n in plan.skipped.items():
+            m.skipped.inc(verdict.value, n)
+        stored = self.state.stored
+        for result in results:
+            if result.status is None:
+                m.store_errors.inc("refused")
+                if self._throttle.should_log("refused", trio.current_time()) is not None:
+                    log.error("tickers.write_refused", symbol=result.symbol, error=result.error)
+                continue
+            if result.stored_event_time is not None:
+                stored[result.symbol] = max(result.stored_event_time, stored.get(result.symbol, 0))
+            if result.status is WriteStatus.STORED:
+                m.stored.inc(result.symbol)
+            elif result.status is WriteStatus.OLDER:
+                m.skipped.inc("older_than_stored")
+            else:
+                m.skipped.inc("duplicate")
+
+    def commit(self, now: float) -> None:
+        self.feed.commit(self._uncommitted)
+        self._uncommitted = {}
+        self._next_commit = now + COMMIT_INTERVAL_S
+
+    # -- Redis outages -----------------------------------------------------------------------
+
+    async def _outage(self, exc: StoreUnavailable) -> bool:
+        """Pause, wait one backoff step (still serving the group), True to retry."""
+        if self._outage_since is None:
+            self._outage_since = trio.current_time()
+            self._backoff.reset()
+            self._outage_attempts = 0
+            self.state.redis_up = False
+            self.rt.health.set(COMPONENT, healthy=False, detail=f"redis unavailable: {exc}"[:300])
+            log.warning(
+                "tickers.redis_down",
+                reason=str(exc),
+                held=len(self._pending),
+                detail="consumption paused; retrying with backoff; nothing is committed",
+            )
+        self._outage_attempts += 1
+        self.feed.pause()
+        deadline = trio.current_time() + self._backoff.delay()
+        while trio.current_time() < deadline:
+            if self.rt.draining.is_set():
+                log.warning(
+                    "tickers.drained_during_outage",
+                    held=len(self._pending),
+                    detail="uncommitted; redelivered to the next consumer",
+                )
+                return False
+            # Paused partitions return nothing, but polling keeps the group membership
+            # (max.poll.interval.ms) and serves rebalances; a new assignment is not paused,
+            # so whatever it delivers joins the held batch and the partitions pause again.
+            messages = await self.feed.fetch()
+            if messages:
+                self.accept(messages)
+                self.feed.pause()
+        return not self.rt.draining.is_set()
+
+    def _recovered(self) -> None:
+        assert self._outage_since is not None
+        down_s = trio.current_time() - self._outage_since
+        self._outage_since = None
+        self.state.redis_up = True
+        self.feed.resume()
+        self.rt.health.set(COMPONENT, healthy=True, detail=f"consuming {self.feed.topic}")
+        log.info(
+            "tickers.redis_back",
+            down_s=round(down_s, 3),
+            attempts=self._outage_attempts,
+            held=len(self._pending),
+        )
+
+
+async def _wait_for_redis(rt: Runtime, consumer: TickerConsumer) -> bool:
+    """Ping until Redis answers (True), drain (False), or STARTUP_REDIS_WAIT_S (raises)."""
+    backoff = Backoff(0.2, 5.0)
+    give_up = trio.current_time() + STARTUP_REDIS_WAIT_S
+    logged = False
+    while True:
+        try:
+            await consumer.redis_call(consumer.store.ping)
+            return True
+        except StoreUnavailable as exc:
+            if trio.current_time() >= give_up:
+                raise
+            if not logged:
+                logged = True
+                log.warning(
+                    "tickers.redis_waiting", reason=str(exc), give_up_after_s=STARTUP_REDIS_WAIT_S
+                )
+            with trio.move_on_after(backoff.delay()):
+                await rt.draining.wait()
+            if rt.draining.is_set():
+                return False
+
+
+async def run_tickers(
+    rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Component entry point: started() once subscribed and Redis answered; returns on drain."""
+    cfg = rt.config
+    if rt.redis_url is None:
+        raise ConfigError("redis.url", "runtime", "the ticker consumer needs Redis; none resolved")
+    rt.health.set(COMPONENT, started=False, healthy=False, detail="starting")
+    state, metrics = ticker_state.attach(rt)
+    embedded = cfg.kafka.bootstrap_servers.strip().lower() == EMBEDDED
+    settings = consumer_settings(
+        cfg.kafka, rt.kafka_bootstrap, cfg.tickers.group, **tuning(embedded)
+    )
+    store = TickerStore(rt.redis_url, timeout_s=REDIS_TIMEOUT_S, client_name="marketd-tickers")
+    try:
+        dlq = DeadLetters(
+            producer_settings(cfg.kafka, rt.kafka_bootstrap),
+            cfg.topics.dlq,
+            outcomes=metrics.dlq,
+            max_raw_bytes=cfg.dlq.max_raw_bytes,
+        )
+        feed = TickerFeed(settings, cfg.tickers.topic)
+        consumer = TickerConsumer(rt, feed, store, dlq)
+        try:
+            if not await _wait_for_redis(rt, consumer):
+                task_status.started()
+                return
+            feed.subscribe()
+            state.running = True
+            state.redis_up = True
+            rt.health.set(COMPONENT, started=True, healthy=True, detail=f"consuming {feed.topic}")
+            log.info(
+                "tickers.started",
+                topic=feed.topic,
+                group=cfg.tickers.group,
+                symbols=len(consumer.tracked),
+                fetch_wait_max_ms=settings["fetch.wait.max.ms"],
+            )
+            task_status.started()
+            await consumer.run()
+        finally:
+            state.running = False
+            await feed.close(consumer.stored_offsets)
+            await dlq.close()
+            stored = sum(metrics.stored.values.values())
+            log.info("tickers.stopped", stored_total=stored, draining=rt.draining.is_set())
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close)
+        rt.health.set(COMPONENT, healthy=False, detail="stopped")

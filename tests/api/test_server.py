@@ -1,0 +1,46 @@
+"""The API component over a real Hypercorn socket (httpx client), with a real redis-server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+
+from marketd.api.server import run_api
+from marketd.tickers.redis_server import RedisProcess, free_port
+from marketd.tickers.store import TickerStore
+from tests.tickers.records import now_ms, runtime, ticker
+
+pytestmark = pytest.mark.redis
+
+
+async def test_serves_tickers_over_http_and_stops_on_drain(redis_server: RedisProcess) -> None:
+    port = free_port()
+    rt = runtime(
+        redis_url=redis_server.url,
+        env={"API_PORT": str(port), "TICKER_SYMBOLS": "BTCUSDT,ETHUSDT"},
+    )
+    t = now_ms()
+    store = TickerStore(redis_server.url)
+    store.write([ticker("BTCUSDT", t, last_price="42000.00")], t, 60)
+    store.close()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_api, rt)
+            assert rt.health.components["api"].healthy
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                one = await client.get("/api/v1/ticker/BTCUSDT")
+                assert one.status_code == 200
+                assert one.json()["last_price"] == "42000.00" and one.json()["event_time"] == t
+                many = await client.get("/api/v1/tickers")
+                assert many.json()["missing"] == ["ETHUSDT"]
+                missing = await client.get("/no/such/path")
+                assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+                metrics = await client.get("/metrics")
+                assert "marketd_api_requests_total" in metrics.text
+            rt.draining.set()
+        # run_api returned: the port is closed and the component reports stopped.
+        assert not rt.health.components["api"].healthy
+        with pytest.raises(httpx.ConnectError):
+            async with httpx.AsyncClient() as client:
+                await client.get(f"http://127.0.0.1:{port}/healthz")
