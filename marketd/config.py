@@ -291,9 +291,10 @@ class KafkaConfig:
     )
     acks: str = setting("1", env="KAFKA_ACKS", check=_one_of("0", "1", "all"), help="producer acks")
     linger_ms: float = setting(
-        1.0,
+        0.0,
         check=_at_least(0),
-        help="producer linger; low keeps receipt->ack latency low",
+        help="producer linger; 0 sends at once (receipt->ack p50 well under 1 ms), batching "
+        "still happens while requests are in flight",
     )
     idempotence: bool = setting(True, help="idempotent producer (no duplicates on retry)")
     flush_timeout_s: float = setting(

@@ -75,6 +75,8 @@ def producer_settings(cfg: KafkaConfig, bootstrap_servers: str) -> dict[str, Any
         "queue.buffering.max.messages": 200_000,
         "queue.buffering.max.kbytes": 256 * 1024,
         "message.timeout.ms": 300_000,
+        # Latency: do not let Nagle hold small produce requests back on a quiet stream.
+        "socket.nagle.disable": True,
         "logger": _librdkafka_logger(),
     }
     if cfg.idempotence and cfg.acks != "all":
