@@ -34,7 +34,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from marketd.records import SCHEMA_VERSION, TickerRecord  # noqa: E402
+from marketd.testing.samples import ticker_record  # noqa: E402
 from marketd.tickers.redis_server import RedisProcess, free_port  # noqa: E402
 from marketd.tickers.store import TickerStore  # noqa: E402
 
@@ -110,33 +110,7 @@ def fill(redis_url: str) -> None:
     store = TickerStore(redis_url)
     now = time.time_ns() // 1_000_000
     records = [
-        TickerRecord(
-            s,
-            "100.5",
-            "0.1",
-            "-1.2",
-            "-0.5",
-            "100.1",
-            "101.2",
-            "110.0",
-            "90.0",
-            "12345.6",
-            "1456789012.3",
-            "100.4",
-            "1.0",
-            "100.6",
-            "2.0",
-            now - 86_400_000,
-            now,
-            1,
-            18051,
-            18051,
-            now,
-            now,
-            "binance",
-            f"{s.lower()}@ticker",
-            SCHEMA_VERSION,
-        )
+        ticker_record(s, now)
         for s in SYMBOLS
         if s != "MATICUSDT"  # as in production: listed, never delivered
     ]

@@ -46,7 +46,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from marketd.records import SCHEMA_VERSION, TickerRecord  # noqa: E402
+from marketd.testing.samples import ticker_record  # noqa: E402
 from marketd.tickers.redis_server import RedisProcess, free_port  # noqa: E402
 
 SYMBOLS = [
@@ -320,33 +320,7 @@ async def drain(n: int, redis_url: str) -> dict[str, float]:
         for i in range(n):
             symbol = SYMBOLS[i % len(SYMBOLS)]
             t = now + i // len(SYMBOLS)  # every record is newer than the last of its symbol
-            record = TickerRecord(
-                symbol,
-                "100.5",
-                "0.1",
-                "-1.2",
-                "-0.5",
-                "100.1",
-                "101.2",
-                "110.0",
-                "90.0",
-                "12345.6",
-                "1456789012.3",
-                "100.4",
-                "1.0",
-                "100.6",
-                "2.0",
-                t - 86_400_000,
-                t,
-                1,
-                i + 1,
-                i + 1,
-                t,
-                t,
-                "binance",
-                f"{symbol.lower()}@ticker",
-                SCHEMA_VERSION,
-            )
+            record = ticker_record(symbol, t, trades_count=i + 1)
             while True:
                 try:
                     producer.produce(topic, encode(record), symbol.encode())
