@@ -506,9 +506,10 @@ class BackfillConfig:
     )
     request_timeout_s: float = setting(10.0, check=_positive)
     gap_grace_s: float = setting(
-        1.0,
+        0.2,
         check=_at_least(0),
-        help="a trade-id jump is requested after this long (a rotation's overlap fills it first)",
+        help="a trade-id jump is requested after this long (a rotation's overlap fills it first); "
+        "live trades of that symbol wait meanwhile",
     )
     max_held_per_symbol: int = setting(
         50_000,

@@ -34,6 +34,10 @@ log = get_logger(__name__)
 
 # How many frames the decoder takes in one go before handing a chunk on (bounds chunk latency).
 DECODE_CHUNK = 4096
+# Coalesce only when a wake-up found at least this many frames waiting: the decoder is falling
+# behind. Below it (e.g. 10k frames/s) frames go through at once: measured p50 receipt->ack
+# 0.5 ms without coalescing vs 3 ms with it at 10k/s.
+COALESCE_WHEN_BACKLOG = 16
 
 
 Inbound = Frame | Reconnected | BackfillResult
@@ -51,10 +55,11 @@ async def run_decoder(
 ) -> None:
     """Decode frames in chunks, keep the tape in order, hand chunks to the batcher.
 
-    Adaptive coalescing: when the previous chunk held more than one frame (frames arrive faster
-    than one per wake-up), wait `coalesce_s` before draining, so the decoder, the batcher and the
-    producer each wake once per chunk instead of once per frame (measured here: 21k -> 36k
-    frames/s on one core). An idle or slow stream (one frame per wake-up) is never delayed.
+    Adaptive coalescing: when the previous wake-up found a backlog (COALESCE_WHEN_BACKLOG frames
+    or more: frames arrive faster than they are handled one by one), wait `coalesce_s` before
+    draining, so the decoder, the batcher and the producer each wake once per chunk instead of
+    once per frame (measured here: 21k -> 36k frames/s on one core). A stream the decoder keeps
+    up with is never delayed.
     Reconnect notices and backfill results arrive on the same channel, in order with the frames.
     At end of input the keeper releases whatever it still holds (behind gap records).
     """
@@ -92,7 +97,7 @@ async def run_decoder(
                         break
                     _take(item, decode, decoded, chunk, keeper, now)
                     taken += 1
-            busy = taken > 1
+            busy = taken >= COALESCE_WHEN_BACKLOG
             if decoded:
                 chunk += keeper.admit(decoded, now)
             if chunk:
