@@ -500,9 +500,10 @@ class BackfillConfig:
         help="REST request weight we allow ourselves (Binance: 6000)",
     )
     give_up_after_s: float = setting(
-        300.0,
+        60.0,
         check=_positive,
-        help="REST unavailable this long: publish the gap as unrepaired",
+        help="REST unavailable this long: publish the gap as unrepaired (the symbol's live "
+        "trades wait behind an open gap, so this bounds their delay)",
     )
     request_timeout_s: float = setting(10.0, check=_positive)
     gap_grace_s: float = setting(
