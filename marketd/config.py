@@ -470,6 +470,8 @@ class AnalyticsConfig:
 
 @attrs.frozen
 class SpoolConfig:
+    """Reserved for the Kafka-outage spool, which is not active in this release."""
+
     dir: str = setting("spool", env="SPOOL_DIR", help="on-disk spool for a Kafka outage")
     max_bytes: int = setting(
         1 << 30,
@@ -493,7 +495,6 @@ class SpoolConfig:
 @attrs.frozen
 class BackfillConfig:
     enabled: bool = setting(True, env="BACKFILL_ENABLED", help="repair trade/kline gaps over REST")
-    use_agg_trades: bool = setting(False, help="backfill aggTrade streams from /api/v3/aggTrades")
     weight_budget_per_min: int = setting(
         4800,
         check=_at_least(1),

@@ -443,9 +443,15 @@ async def _hand_over_slowly(
 
 
 async def _keepalive(ws: trio_websocket.WebSocketConnection, cfg: BinanceConfig) -> None:
-    """Our own ping every PING_INTERVAL_SECONDS; a pong later than pong_timeout_s is a dead link."""
+    """Our own ping every PING_INTERVAL_SECONDS; a pong later than pong_timeout_s is a dead link.
+
+    Pings count against Binance's 5 incoming messages per second per connection (API-NOTES §2):
+    they go through this connection's message budget, which any control message would share.
+    """
+    budget = TokenBucket(cfg.subscribe_rate_per_s, 1.0)
     while True:
         await trio.sleep(cfg.ping_interval_s)
+        await budget.take()
         try:
             with trio.fail_after(cfg.pong_timeout_s):
                 await ws.ping()
