@@ -179,6 +179,7 @@ class Decoder:
         records_total: FastCounter | None = None,
         rejected_total: FastCounter | None = None,
         control_total: FastCounter | None = None,
+        frames_by_stream: FastCounter | None = None,
         wall_ms: Callable[[], int] | None = None,
         log_interval_s: float = 60.0,
     ) -> None:
@@ -190,6 +191,7 @@ class Decoder:
         self.records_total = records_total or FastCounter("records", "", "kind")
         self.rejected_total = rejected_total or FastCounter("rejected", "", "reason")
         self.control_total = control_total or FastCounter("control", "", "kind")
+        self.frames_by_stream = frames_by_stream or FastCounter("frames", "", "stream")
         self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
         self._routes: dict[str, _Route] = {}
         self._throttle = Throttle(log_interval_s)
@@ -235,6 +237,7 @@ class Decoder:
             self._unwrapped(env, data, frame, out)
             return None
         stream = env.stream
+        self.frames_by_stream.inc(stream)
         if env.data is msgspec.UNSET:
             raise Reject("missing_field", "combined-stream frame without 'data'")
         if stream == "!serverShutdown":

@@ -148,6 +148,9 @@ def make_decoder(rt: Runtime) -> Decoder:
         records_total=m.fast_counter("decode_records", "records decoded per kind", "kind"),
         rejected_total=m.fast_counter("decode_rejected", "frames rejected per reason", "reason"),
         control_total=m.fast_counter("ws_control_frames", "control replies and errors", "kind"),
+        frames_by_stream=m.fast_counter(
+            "ws_stream_frames", "combined-stream frames received per stream", "stream"
+        ),
     )
 
 

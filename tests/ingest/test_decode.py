@@ -328,3 +328,10 @@ def test_decoder_never_raises(data: str | bytes) -> None:
 def test_structured_garbage_under_a_real_stream_never_raises(data: Any) -> None:
     out = decode(f.wrap("btcusdt@trade", data))
     assert len(out) == 1
+
+
+def test_frames_are_counted_per_stream() -> None:
+    decoder = Decoder(TOPICS)
+    for frame in (f.trade(1), f.trade(2), f.ticker(), "garbage"):
+        decode(frame, decoder)
+    assert decoder.frames_by_stream.values == {"btcusdt@trade": 2, "btcusdt@ticker": 1}
