@@ -594,7 +594,6 @@ def _walk(cls: type, prefix: str = "") -> Iterator[Setting]:
 
 
 SETTINGS: dict[str, Setting] = {s.key: s for s in _walk(Config)}
-SECTIONS = sorted({k.rsplit(".", 1)[0] for k in SETTINGS if "." in k})
 _DICT_SETTINGS = {k for k, s in SETTINGS.items() if get_origin(s.type) is dict}
 
 

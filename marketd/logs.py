@@ -76,9 +76,6 @@ class EventLogger:
     def error(self, event: str, *, exc_info: Any = None, **fields: Any) -> None:
         self._log(logging.ERROR, event, exc_info, fields)
 
-    def is_enabled(self, level: int) -> bool:
-        return self._logger.isEnabledFor(level)
-
 
 def get_logger(name: str) -> EventLogger:
     return EventLogger(logging.getLogger(name))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
 
 import trio
 
@@ -21,10 +20,6 @@ from marketd.logs import get_logger
 from marketd.runtime import Runtime
 
 log = get_logger(__name__)
-
-
-class Component(Protocol):
-    def __call__(self, rt: Runtime, *, task_status: Any = ...) -> Awaitable[None]: ...
 
 
 class _OnceStatus:

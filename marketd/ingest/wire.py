@@ -176,11 +176,6 @@ class BlockTrade(msgspec.Struct, frozen=True):
     m: bool
 
 
-class ServerShutdown(msgspec.Struct, frozen=True):
-    e: str
-    E: int
-
-
 class ErrorBody(msgspec.Struct):
     code: Any = None
     msg: Any = None
@@ -190,15 +185,3 @@ class ErrorBody(msgspec.Struct):
 # duplicate-key check compares this with the keys counted in the text.
 def field_count(cls: type[msgspec.Struct]) -> int:
     return len(cls.__struct_fields__)
-
-
-EVENT_TYPES: dict[str, str] = {
-    "trade": "trade",
-    "aggTrade": "aggTrade",
-    "kline": "kline",
-    "ticker": "24hrTicker",
-    "miniTicker": "24hrMiniTicker",
-    "avgPrice": "avgPrice",
-    "referencePrice": "referencePrice",
-    "blockTrade": "blockTrade",
-}

@@ -135,8 +135,4 @@ async def embedded_redis() -> AsyncIterator[str]:
         log.info("redis.embedded_stopped", url=server.url)
 
 
-def redis_available() -> bool:
-    return shutil.which("redis-server") is not None
-
-
-__all__ = ["INSTALL_HINT", "RedisProcess", "embedded_redis", "free_port", "redis_available"]
+__all__ = ["INSTALL_HINT", "RedisProcess", "embedded_redis", "free_port"]

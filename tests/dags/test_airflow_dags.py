@@ -68,6 +68,14 @@ def _dags_test(
     )
 
 
+def _seed_fresh_btc_stale_eth(redis_server: RedisProcess) -> None:
+    """BTCUSDT fresh, ETHUSDT two minutes old (stale at the default 30 s)."""
+    now = int(time.time() * 1000)
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset("ticker:BTCUSDT", mapping={"event_time": now, "last_price": "1"})
+        client.hset("ticker:ETHUSDT", mapping={"event_time": now - 120_000, "last_price": "1"})
+
+
 @pytest.mark.redis
 @pytest.mark.kafka
 def test_monitor_dag_run_succeeds_with_half_the_tickers_stale(
@@ -76,10 +84,7 @@ def test_monitor_dag_run_succeeds_with_half_the_tickers_stale(
     redis_server: RedisProcess,
     kafka: TestKafka,
 ) -> None:
-    now = int(time.time() * 1000)
-    with redis.Redis.from_url(redis_server.url) as client:
-        client.hset("ticker:BTCUSDT", mapping={"event_time": now, "last_price": "1"})
-        client.hset("ticker:ETHUSDT", mapping={"event_time": now - 120_000, "last_price": "1"})
+    _seed_fresh_btc_stale_eth(redis_server)
     result = _dags_test(
         airflow_python, airflow_home, redis_server.url, kafka.bootstrap_servers, "BTCUSDT,ETHUSDT"
     )
@@ -98,10 +103,7 @@ def test_monitor_dag_run_fails_when_most_tickers_are_stale_or_missing(
     redis_server: RedisProcess,
     kafka: TestKafka,
 ) -> None:
-    now = int(time.time() * 1000)
-    with redis.Redis.from_url(redis_server.url) as client:
-        client.hset("ticker:BTCUSDT", mapping={"event_time": now, "last_price": "1"})
-        client.hset("ticker:ETHUSDT", mapping={"event_time": now - 120_000, "last_price": "1"})
+    _seed_fresh_btc_stale_eth(redis_server)
     result = _dags_test(
         airflow_python,
         airflow_home,
