@@ -24,6 +24,10 @@ class BadSymbol(ValueError):
 
 
 def normalise_symbol(raw: str) -> str:
+    # ASCII first: str.upper() maps some non-ASCII letters onto ASCII (U+0131 -> "I", "ß" -> "SS",
+    # U+FB00 -> "FF"), which would let a malformed segment pass as (or collide with) a symbol.
+    if not raw.isascii():
+        raise BadSymbol(raw)
     symbol = raw.upper()
     if SYMBOL_RE.fullmatch(symbol) is None:
         raise BadSymbol(raw)

@@ -97,7 +97,10 @@ class TickerConsumer:
             now = trio.current_time()
             if self._uncommitted and now >= self._next_commit:
                 self.commit(now)
-            if now >= self._next_lag:
+            # While unknown (no assignment yet), ask on every pass: /api/v1/ticker/health should
+            # report a number as soon as partitions are assigned, not up to a second later.
+            # lag() is local (cached positions and watermarks), so asking often costs nothing.
+            if now >= self._next_lag or self.state.consumer_lag is None:
                 self.state.consumer_lag = self.feed.lag()
                 self._next_lag = now + LAG_INTERVAL_S
 
