@@ -154,6 +154,13 @@ def _check_topic(value: Any) -> Any:
     return value
 
 
+def _check_group(value: Any) -> Any:
+    # librdkafka aborts the whole process (an assertion in the client) on an empty group.id.
+    if not value.strip():
+        raise ValueError("must be a non-empty Kafka consumer group id")
+    return value
+
+
 def _upper_symbols(value: Any) -> Any:
     return tuple(s.strip().upper() for s in value if s.strip())
 
@@ -371,7 +378,7 @@ class IngestConfig:
 @attrs.frozen
 class TickersConfig:
     topic: str = setting("raw_tickers", env="KAFKA_TICKER_TOPIC", check=_check_topic)
-    group: str = setting("ticker-consumer-group", env="TICKER_CONSUMER_GROUP")
+    group: str = setting("ticker-consumer-group", env="TICKER_CONSUMER_GROUP", check=_check_group)
     symbols: tuple[str, ...] = setting(
         DEFAULT_TICKER_SYMBOLS,
         env="TICKER_SYMBOLS",
@@ -470,8 +477,13 @@ class AnalyticsConfig:
 
 @attrs.frozen
 class SpoolConfig:
-    """Reserved for the Kafka-outage spool, which is not active in this release."""
+    """The on-disk spool that takes accepted records while Kafka cannot (ingest/spooling.py)."""
 
+    enabled: bool = setting(
+        True,
+        env="SPOOL_ENABLED",
+        help="spool to disk during a Kafka outage (not with the embedded Kafka: it cannot fail)",
+    )
     dir: str = setting("spool", env="SPOOL_DIR", help="on-disk spool for a Kafka outage")
     max_bytes: int = setting(
         1 << 30,
@@ -482,8 +494,15 @@ class SpoolConfig:
     segment_bytes: int = setting(64 << 20, check=_at_least(1 << 16), help="spool segment size")
     outage_after_s: float = setting(
         5.0,
+        env="SPOOL_OUTAGE_AFTER_SECONDS",
         check=_positive,
-        help="undelivered this long (or local queue past the threshold) = outage",
+        help="records in flight and no ack this long (or the queue past the threshold) = outage",
+    )
+    probe_interval_s: float = setting(
+        1.0, check=_positive, help="while spooling, how often to ask Kafka whether it is back"
+    )
+    replay_window: int = setting(
+        5000, check=_at_least(1), help="spooled records in flight to Kafka at once while replaying"
     )
     queue_threshold: float = setting(
         0.5,
@@ -807,7 +826,8 @@ def load_config(
             try:
                 value = _validate(s, _coerce(s, raw.value, from_text))
             except ValueError as exc:
-                shown = raw.value if not s.meta.secret else redact_value(key, raw.value)
+                # Always redacted: a bad entry in [kafka.producer] must not print its password.
+                shown = redact_value(key, raw.value)
                 raise ConfigError(key, raw.source, f"{shown!r}: {exc}") from None
             if key in _DICT_SETTINGS and key != "binance.silence_timeout_s":
                 # Passthrough tables merge key by key across layers.
@@ -846,19 +866,29 @@ def _structure(merged: Mapping[str, Value]) -> Config:
 _SECRET_KEY_RE = re.compile(r"(password|secret|sasl\.jaas|private|token|credentials?)", re.I)
 
 
+# libpq keyword DSNs ("host=db password=s3cret") and URL query parameters (?password=...).
+_DSN_PASSWORD_RE = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+_QUERY_SECRET_RE = re.compile(r"([?&](?:password|secret|token)=)[^&#]*", re.I)
+
+
 def redact_value(key: str, value: Any) -> Any:
-    """Hide secrets: passwords in passthrough tables and in URLs."""
+    """Hide secrets: passwords in passthrough tables, in URLs and in keyword DSNs."""
     if isinstance(value, dict):
         return {k: ("***" if _SECRET_KEY_RE.search(k) else v) for k, v in value.items()}
-    if isinstance(value, str) and "://" in value:
+    if not isinstance(value, str):
+        return value
+    if "://" in value:
         parts = urlsplit(value)
         if parts.password:
             host = parts.hostname or ""
+            if ":" in host:
+                host = f"[{host}]"  # IPv6 literal
             if parts.port:
                 host = f"{host}:{parts.port}"
             user = parts.username or ""
-            return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    return value
+            value = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        return _QUERY_SECRET_RE.sub(r"\1***", value)
+    return _DSN_PASSWORD_RE.sub(r"\1***", value)
 
 
 def render_config(loaded: LoadedConfig) -> str:

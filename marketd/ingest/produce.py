@@ -9,13 +9,15 @@ the trio thread, and the two threads ping-pong it.) A full local queue
 pipeline slows the WebSocket reader instead of growing memory. A permanently failed message is
 logged, counted and dead-lettered. On end of input the producer is flushed (bounded by
 `flush_timeout_s`) and a per-topic summary of accepted/delivered/failed is kept for the log.
+With a spool (marketd/ingest/spooling.py) messages librdkafka gives back unsent (purged, timed
+out) are collected in `returned` for it instead of being dead-lettered.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -27,9 +29,27 @@ from marketd.ingest.batch import Batch
 from marketd.ingest.decode import dlq_record
 from marketd.logs import Throttle, get_logger
 from marketd.metrics import FastCounter, FastHistogramCollector, MetricsFactory
+from marketd.spool import SpoolEntry
 
 log = get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
+
+# Delivery errors meaning "librdkafka gave the message back unsent (or gave up waiting)": with a
+# spool these go to disk and are replayed; without one they are delivery failures.
+_RETURNED: frozenset[int] = frozenset(
+    {
+        confluent_kafka.KafkaError._PURGE_QUEUE,
+        confluent_kafka.KafkaError._PURGE_INFLIGHT,
+        confluent_kafka.KafkaError._MSG_TIMED_OUT,
+    }
+)
+
+
+RunBlocking = Callable[[Callable[[], Any]], Awaitable[Any]]
+
+
+async def _in_thread(fn: Callable[[], Any]) -> Any:
+    return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
 
 
 @attrs.define
@@ -40,6 +60,7 @@ class ProduceStats:
     delivered: FastCounter
     failed: FastCounter
     latency: FastHistogramCollector  # receipt -> delivery ack, seconds
+    returned: FastCounter  # given back unsent by librdkafka, for the spool
 
     @classmethod
     def create(cls, metrics: MetricsFactory | None) -> ProduceStats:
@@ -50,6 +71,9 @@ class ProduceStats:
             m.fast_counter("kafka_delivery_failed", "records Kafka finally refused", "topic"),
             m.fast_histogram(
                 "kafka_delivery_latency_seconds", "frame receipt to Kafka delivery ack"
+            ),
+            m.fast_counter(
+                "kafka_returned", "records librdkafka gave back unsent, moved to the spool", "topic"
             ),
         )
 
@@ -77,8 +101,23 @@ class KafkaSink:
         flush_timeout_s: float = 10.0,
         dlq_max_raw_bytes: int = 8192,
         producer_factory: Callable[[dict[str, Any]], Any] = confluent_kafka.Producer,
+        clock: Callable[[], float] = time.monotonic,
+        run_blocking: RunBlocking | None = None,
     ) -> None:
-        self._producer = producer_factory(settings)
+        self._producer = producer_factory({**settings, "error_cb": self._on_error})
+        self._clock = clock
+        # Blocking librdkafka calls (purge, metadata, flush) run in worker threads; a test with
+        # a scripted producer on virtual time passes an inline runner instead.
+        self.run_blocking: RunBlocking = run_blocking or _in_thread
+        # Outage signals read by the spooling stage: when an ack last came (or the queue last
+        # went from empty to busy), and whether librdkafka reported every broker down.
+        self.progress_at = clock()
+        self.brokers_down = False
+        # Messages given back unsent, with their produce sequence number; None = no spool (they
+        # are failures then). librdkafka reports a purge partly from the partition queues and
+        # partly from the broker threads' queues, so report order is not produce order.
+        self.returned: list[tuple[int, SpoolEntry]] | None = None
+        self._seq = 0  # produce order of every message handed to librdkafka
         self.dlq_topic = dlq_topic
         self.stats = stats
         self.flush_timeout_s = flush_timeout_s
@@ -90,12 +129,47 @@ class KafkaSink:
 
     # -- delivery reports (trio thread; the flush thread at shutdown) ------------------------
 
-    def _on_delivery(self, recv_ns: int, err: confluent_kafka.KafkaError | None, msg: Any) -> None:
+    def _on_error(self, err: confluent_kafka.KafkaError) -> None:
+        code = err.code()
+        if code == confluent_kafka.KafkaError._ALL_BROKERS_DOWN:
+            self.brokers_down = True
+        suppressed = self._throttle.should_log(f"error:{code}", time.monotonic())
+        if suppressed is not None:
+            log.warning(
+                "kafka.error", error=err.str(), fatal=err.fatal(), suppressed_since_last=suppressed
+            )
+
+    def _on_delivery(
+        self, recv_ns: int, seq: int, err: confluent_kafka.KafkaError | None, msg: Any
+    ) -> None:
         topic = msg.topic()
         if err is None:
             self.stats.delivered.inc(topic)
             self._latency.observe((time.time_ns() - recv_ns) / 1e9)
+            self.progress_at = self._clock()
+            self.brokers_down = False
             return
+        if self.returned is not None and err.code() in _RETURNED:
+            self.returned.append(
+                (seq, SpoolEntry(topic, msg.key(), msg.value() or b"", recv_ns, msg.headers()))
+            )
+            self.stats.returned.inc(topic)
+            return
+        self.delivery_failed(msg, err)
+
+    def is_returned(self, err: confluent_kafka.KafkaError) -> bool:
+        """Given back unsent (purged or timed out): safe to send again, not a failure."""
+        return err.code() in _RETURNED
+
+    def delivered_replay(self, topic: str) -> None:
+        """A spooled record was acknowledged (no latency sample: it waited out an outage)."""
+        self.stats.delivered.inc(topic)
+        self.progress_at = self._clock()
+        self.brokers_down = False
+
+    def delivery_failed(self, msg: Any, err: confluent_kafka.KafkaError) -> None:
+        """Kafka refused `msg` for good: count, log (throttled) and dead-letter it."""
+        topic = msg.topic()
         self.stats.failed.inc(topic)
         suppressed = self._throttle.should_log(f"delivery:{err.code()}", time.monotonic())
         if suppressed is not None:
@@ -136,32 +210,54 @@ class KafkaSink:
                 await trio.sleep(0.001)
             self._in_flight = trio.Event()
 
-    async def produce_batch(self, batch: Batch) -> None:
+    async def produce_batch(
+        self, batch: Batch, give_up: Callable[[], object] | None = None
+    ) -> Batch:
+        """Hand `batch` to librdkafka; returns the part not handed over (only when `give_up()`
+        turned true while waiting for room in a full queue: the caller spools it)."""
         producer = self._producer
         accepted = self.stats.accepted
         on_delivery = self._on_delivery
         partial = functools.partial
-        for out in batch:
+        if not len(producer):
+            self.progress_at = self._clock()  # idle until now: the ack clock starts here
+        seq = self._seq
+        for i, out in enumerate(batch):
             while True:
                 try:
                     producer.produce(
                         out.topic,
                         out.value,
                         out.key,
-                        on_delivery=partial(on_delivery, out.recv_ns),
+                        on_delivery=partial(on_delivery, out.recv_ns, seq),
                         headers=out.headers,
                     )
                     break
                 except BufferError:
                     # Local queue full: Kafka is slower than we read. Wait for room; the bounded
                     # channels upstream then slow the reader (backpressure, not a drop).
-                    await self._wait_for_room()
+                    self._seq = seq
+                    if not await self._wait_for_room(give_up):
+                        self._in_flight.set()
+                        return batch[i:]
+            seq += 1
             accepted.inc(out.topic)
+        self._seq = seq
         producer.poll(0)
         self._in_flight.set()
         await trio.lowlevel.checkpoint()
+        return []
 
-    async def _wait_for_room(self) -> None:
+    def produce_spooled(self, entry: SpoolEntry, on_delivery: Callable[..., None]) -> None:
+        """Send one spooled record again (raises BufferError when the local queue is full)."""
+        if not len(self._producer):
+            self.progress_at = self._clock()
+        self._producer.produce(
+            entry.topic, entry.value, entry.key, on_delivery=on_delivery, headers=entry.headers
+        )
+        self._in_flight.set()
+
+    async def _wait_for_room(self, give_up: Callable[[], object] | None = None) -> bool:
         # Whichever limit was hit (messages or kbytes), wait until a tenth of the queue has been
         # delivered before retrying, so we do not spin on BufferError one message at a time.
         self.backpressure_waits += 1
@@ -169,16 +265,59 @@ class KafkaSink:
         delay = 0.001
         while len(self._producer) > target:
             self._producer.poll(0)
+            if give_up is not None and give_up():
+                return False
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
+        return True
+
+    def poll(self) -> int:
+        """Serve waiting delivery reports now (trio thread)."""
+        served: int = self._producer.poll(0)
+        return served
+
+    async def purge_queued(self) -> None:
+        """Give back every message not yet sent to a broker (their reports say _PURGE_QUEUE).
+
+        Never in-flight ones: a request already on the wire may still be written by the broker,
+        and sending it again would duplicate it (measured with the mock cluster). Blocking (in a
+        worker thread) until the broker threads purged their queues too, so that no report of a
+        purged message can arrive after the caller moved on to newer records.
+        """
+        await self.run_blocking(
+            functools.partial(self._producer.purge, in_queue=True, in_flight=False, blocking=True)
+        )
+
+    def take_returned(self) -> list[SpoolEntry]:
+        """Messages given back since the last call, in the order they were produced."""
+        if not self.returned:
+            return []
+        taken, self.returned = self.returned, []
+        taken.sort(key=lambda r: r[0])
+        return [entry for _, entry in taken]
+
+    async def probe(self, timeout_s: float) -> bool:
+        """Does a broker answer a metadata request within `timeout_s`? (worker thread)"""
+
+        def ask() -> bool:
+            try:
+                self._producer.list_topics(timeout=timeout_s)
+            except confluent_kafka.KafkaException:
+                return False
+            return True
+
+        ok: bool = await self.run_blocking(ask)
+        return ok
 
     def in_flight(self) -> int:
         return len(self._producer)
 
-    async def flush(self) -> int:
+    async def flush(self, timeout_s: float | None = None) -> int:
         """Flush in a thread, bounded; returns how many messages were still undelivered."""
-        remaining: int = await trio.to_thread.run_sync(
-            self._producer.flush, self.flush_timeout_s, abandon_on_cancel=True
+        remaining: int = await self.run_blocking(
+            functools.partial(
+                self._producer.flush, self.flush_timeout_s if timeout_s is None else timeout_s
+            )
         )
         return remaining
 

@@ -9,6 +9,7 @@ Thread-safe (one lock); callers on trio use `trio.to_thread.run_sync` with their
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import threading
@@ -40,6 +41,10 @@ from marketd.spool.segment import (
 log = get_logger(__name__)
 
 ACK_FILE: Final = "ack"
+# Spool directories this process holds the flock of (real path -> directory fd). Like POSIX record
+# locks, the lock excludes other processes only: a second Spool on the same directory in this
+# process (a simulated crash in the tests) shares it.
+_LOCKED_DIRS: dict[str, int] = {}
 _ACK: Final = struct.Struct(">QQI")  # segment, offset, crc32 of the first 16 bytes
 
 
@@ -130,6 +135,7 @@ class Spool:
         self._read_index = 0
         self._acked_index = 0  # entries with index < this are delivered
         self._opened = False
+        self._dir_lock: int | None = None  # fd of the directory, flock'ed while open
         m = metrics or MetricsFactory()
         self._m_bytes = m.gauge("spool_bytes", "bytes in the Kafka-outage spool")
         self._m_pending = m.gauge("spool_pending_records", "spooled records not yet delivered")
@@ -152,6 +158,31 @@ class Spool:
         with self._lock:
             self._close_writer()
             self._opened = False
+            self._unlock_dir()
+
+    def _lock_dir(self) -> None:
+        """One process per spool directory: two writers would interleave and ack each other."""
+        self._unlock_dir()
+        key = os.path.realpath(self.dir)
+        if key in _LOCKED_DIRS:
+            return
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolError(
+                f"spool directory {self.dir} is in use by another process (flock: {exc}); "
+                "give each marketd instance its own spool.dir (SPOOL_DIR)"
+            ) from exc
+        self._dir_lock = fd
+        _LOCKED_DIRS[key] = fd
+
+    def _unlock_dir(self) -> None:
+        if self._dir_lock is not None:
+            _LOCKED_DIRS.pop(os.path.realpath(self.dir), None)
+            os.close(self._dir_lock)  # closing the descriptor releases the flock
+            self._dir_lock = None
 
     def __enter__(self) -> Spool:
         self.open()
@@ -291,6 +322,7 @@ class Spool:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory {self.dir}: {exc}") from exc
+        self._lock_dir()
         self._close_writer()
         ack = self._read_ack()
         corruptions: list[Corruption] = []

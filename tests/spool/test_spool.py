@@ -252,3 +252,33 @@ def test_replay_iterates_everything_unread(tmp_path: Path) -> None:
     assert [v for _, v in seen] == list(range(50))
     spool.ack(seen[-1][0])
     assert spool.pending == 0
+
+
+def test_a_second_process_cannot_open_the_same_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    spool = Spool(tmp_path, 1 << 20, 1 << 16)
+    spool.open()
+    try:
+        code = (
+            "import sys\n"
+            "from marketd.spool import Spool, SpoolError\n"
+            f"s = Spool({str(tmp_path)!r}, 1 << 20, 1 << 16)\n"
+            "try:\n    s.open()\nexcept SpoolError as e:\n    print(e); sys.exit(3)\n"
+        )
+        other = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert other.returncode == 3, other.stderr
+        assert "in use by another process" in other.stdout
+    finally:
+        spool.close()
+    again = subprocess.run(
+        [sys.executable, "-c", code.replace("sys.exit(3)", "sys.exit(4)")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr  # released on close

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,12 @@ class Daemon:
     """`marketd run` in a child process; `events` holds its parsed JSON log lines."""
 
     def __init__(self, env: Mapping[str, str], args: list[str] | None = None) -> None:
+        # Each daemon gets its own Kafka-outage spool unless the test shares one on purpose
+        # (a spool left in the working directory would replay into the next test's topics).
+        self._spool_dir: tempfile.TemporaryDirectory[str] | None = None
+        if "SPOOL_DIR" not in env:
+            self._spool_dir = tempfile.TemporaryDirectory(prefix="marketd-spool-")
+            env = {**env, "SPOOL_DIR": self._spool_dir.name}
         self.env = {**os.environ, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **env}
         self.args = [sys.executable, "-m", "marketd.cli", "run", *(args or [])]
         self.proc: trio.Process | None = None

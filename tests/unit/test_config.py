@@ -92,6 +92,16 @@ def test_every_spec_env_var_is_honoured() -> None:
     assert spec <= set(env_names())
 
 
+def test_readme_documents_every_environment_variable() -> None:
+    import re
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    table = {m.group(1) for m in re.finditer(r"^\| ([A-Z0-9_ /]+) \|", readme, re.M)}
+    documented = {name.strip() for row in table for name in row.split("/")}
+    wanted = set(env_names())
+    assert wanted - documented == set()
+
+
 def test_precedence_defaults_toml_dotenv_env_cli(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("BATCH_SIZE=300\nKAFKA_ACKS=0\n")
     loaded = load(
@@ -158,6 +168,9 @@ def test_precedence_defaults_toml_dotenv_env_cli(tmp_path: Path) -> None:
             "known in [top level]",
         ),
         ("", {"TICKER_SYMBOLS": "BTC-USDT"}, "tickers.symbols", "env TICKER_SYMBOLS", "A-Z, 0-9"),
+        # librdkafka would abort the process on an empty group.id: refuse it here.
+        ("", {"TICKER_CONSUMER_GROUP": ""}, "tickers.group", "env TICKER_CONSUMER_GROUP", "empty"),
+        ('[tickers]\ngroup = " "\n', {}, "tickers.group", "marketd.toml:2", "non-empty"),
     ],
 )
 def test_bad_values_name_key_source_and_allowed(
@@ -195,6 +208,43 @@ def test_config_show_redacts_secrets_and_shows_sources(
     assert "hunter2" not in out and "s3cret" not in out
     assert '"sasl.password": "***"' in out and "SASL_SSL" in out
     assert "env REDIS_URL" in out and "m.toml:1" in out
+
+
+@pytest.mark.parametrize(
+    ("env", "secret"),
+    [
+        ({"POSTGRES_DSN": "host=db user=marketd password=pgs3cret dbname=m"}, "pgs3cret"),
+        ({"POSTGRES_DSN": "host=db password = 'pg s3cret' dbname=m"}, "s3cret"),
+        ({"POSTGRES_DSN": "postgresql://marketd@db/m?password=qs3cret"}, "qs3cret"),
+        ({"REDIS_URL": "redis://cache:6379/0?password=rs3cret"}, "rs3cret"),
+        ({"REDIS_URL": "redis://:v6s3cret@[::1]:6379/0"}, "v6s3cret"),
+    ],
+)
+def test_config_show_redacts_keyword_dsn_and_query_passwords(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    secret: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert secret not in out
+    assert "***" in out
+
+
+def test_config_error_line_never_shows_a_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "m.toml"
+    toml.write_text('[kafka.producer]\n"sasl.password" = "hunter2"\n"batch.size" = [1]\n')
+    assert main(["config", "show", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "kafka.producer" in err and "batch.size" in err
 
 
 def test_kafka_passthrough_reaches_producer_settings(tmp_path: Path) -> None:

@@ -1,0 +1,461 @@
+"""The producer stage with a Kafka-outage spool: batches in, Kafka or the on-disk spool out.
+
+Receives batches from the batcher, like `run_producer`. While Kafka acknowledges, batches go
+straight to the producer (live). When it stops (records in flight and no ack for
+`spool.outage_after_s`, every broker reported down, librdkafka's queue past
+`spool.queue_threshold`, or librdkafka giving records back), the stage purges librdkafka's unsent
+queue into the spool and appends every later batch there, fsync'd per append: what was appended
+survives a kill -9. A metadata probe finds Kafka back; the spool is then replayed in append
+order, acked as delivered, and the stage goes live once it is empty. A spool left non-empty by
+an earlier run is replayed before any new data. A full spool stops taking batches, so the
+bounded channels upstream slow the WebSocket reader (the continuity tracker backfills later
+what the reader could not take).
+
+Order: per partition, librdkafka keeps produce order and a purge gives back a queue's unsent
+tail; so the spool holds, per symbol, exactly the records after those still in flight, and the
+replay sends them behind those. Records acknowledged out of order during a replay are remembered
+and not sent twice after a rewind.
+
+On end of input: live -> flush; what Kafka still has not taken is purged into the spool. Spooling
+-> the rest is appended; the replay goes on while Kafka takes it (bounded by kafka.flush_timeout_s)
+and whatever remains stays on disk for the next start (logged as `spool.retained`).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import confluent_kafka
+import msgspec
+import trio
+
+from marketd.config import SpoolConfig
+from marketd.ingest.batch import Batch
+from marketd.ingest.produce import KafkaSink
+from marketd.logs import get_logger
+from marketd.metrics import MetricsFactory
+from marketd.spool import Position, Spool, SpoolEntry, SpoolFull
+
+log = get_logger(__name__)
+
+# librdkafka's queue.buffering.max.messages as set in marketd/kafka/client.py.
+DEFAULT_QUEUE_MAX_MESSAGES: Final = 200_000
+# While spooling, records taken from the batch channel per append (one fsync each).
+APPEND_MAX_RECORDS: Final = 5000
+# How often the live loop looks at the outage signals when no batch comes.
+LIVE_CHECK_S: Final = 0.25
+# Replay service interval while spooled records are in flight (delivery reports, acks).
+REPLAY_TICK_S: Final = 0.005
+# After a purge: delivery reports of the purged records are in once the in-flight count has
+# stayed put this long (bounded by SETTLE_MAX_S).
+SETTLE_STABLE_S: Final = 0.2
+SETTLE_MAX_S: Final = 3.0
+
+
+class _TradeIds(msgspec.Struct):
+    symbol: str
+    trade_id: int
+
+
+_trade_ids = msgspec.json.Decoder(_TradeIds)
+
+
+def spool_trade_tail(spool: Spool, trades_topic: str) -> dict[str, int]:
+    """The highest trade id per symbol among the spooled (not yet delivered) trades.
+
+    Read once at start-up (blocking: run it in a thread), then the spool is rewound. The trade
+    gate is seeded with it, so trades missed while marketd was down are backfilled.
+    """
+    last: dict[str, int] = {}
+    try:
+        for _, entry in spool.replay():
+            if entry.topic != trades_topic:
+                continue
+            try:
+                t = _trade_ids.decode(entry.value)
+            except msgspec.DecodeError:
+                continue
+            if t.trade_id > last.get(t.symbol, -1):
+                last[t.symbol] = t.trade_id
+    finally:
+        spool.rewind()
+    return last
+
+
+class SpoolingProducer:
+    """Owns the live/spooling state of one producer stage (see the module docstring)."""
+
+    def __init__(
+        self,
+        sink: KafkaSink,
+        spool: Spool,
+        cfg: SpoolConfig,
+        *,
+        replay_deadline_s: float = 10.0,
+        queue_max_messages: int = DEFAULT_QUEUE_MAX_MESSAGES,
+        metrics: MetricsFactory | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sink = sink
+        self.spool = spool
+        self.outage_after_s = cfg.outage_after_s
+        self.probe_interval_s = cfg.probe_interval_s
+        self.replay_window = cfg.replay_window
+        self.queue_limit = max(1, int(queue_max_messages * cfg.queue_threshold))
+        self.replay_deadline_s = replay_deadline_s
+        self._clock = clock
+        sink.returned = []
+        self.spooling = False
+        self.kafka_up = True
+        self._probe_wanted = trio.Event()
+        self._probes_failed = 0
+        self._outage_started = 0.0
+        self._full = False  # the last append was refused: take no batches until one succeeds
+        self._carry: list[Any] = []  # records to append first when spooling starts
+        # Replay bookkeeping, by spool ordinal (position in append order since open).
+        self._outstanding: collections.deque[Position] = collections.deque()  # read, in order
+        self._unsent: collections.deque[tuple[Position, SpoolEntry]] = collections.deque()
+        self._done: set[int] = set()  # delivered (or dead-lettered), not yet acked
+        self._given_back: set[int] = set()  # purged/timed out: to send again after a rewind
+        self._sent_in_outage = 0
+        m = metrics or MetricsFactory()
+        self._m_outages = m.counter(
+            "kafka_outages", "times the producer switched to the spool", ["reason"]
+        )
+        self._m_active = m.gauge("spool_active", "1 while accepted records go to the spool")
+
+    # -- the stage ------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        batches_rx: trio.MemoryReceiveChannel[Batch],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.sink.run_reaper)
+            nursery.start_soon(self._probe_loop)
+            if self.spool.pending:
+                log.warning(
+                    "spool.replay_pending",
+                    pending=self.spool.pending,
+                    size_bytes=self.spool.size_bytes,
+                    detail="records spooled by an earlier run go to Kafka before any new data",
+                )
+                self._start_spooling("backlog")
+            task_status.started()
+            async with batches_rx:
+                ended = False
+                while not ended:
+                    if self.spooling:
+                        ended = await self._run_spooling(batches_rx)
+                    else:
+                        ended = await self._run_live(batches_rx)
+            nursery.cancel_scope.cancel()
+        await self._finish()
+
+    async def _run_live(self, batches_rx: trio.MemoryReceiveChannel[Batch]) -> bool:
+        """Produce batches until the input ends (True) or Kafka stops taking them (False)."""
+        sink = self.sink
+        while True:
+            batch: Batch | None = None
+            with trio.move_on_after(LIVE_CHECK_S):
+                try:
+                    batch = await batches_rx.receive()
+                except trio.EndOfChannel:
+                    return True
+            rest: Batch = []
+            if batch is not None:
+                rest = await sink.produce_batch(batch, self._outage_reason)
+            reason = self._outage_reason() or ("queue_full" if rest else None)
+            if reason is None and sink.returned:
+                reason = "returned"  # librdkafka gave up on some (message.timeout.ms)
+            if reason is not None:
+                await self._enter_outage(reason, rest)
+                return False
+
+    async def _run_spooling(self, batches_rx: trio.MemoryReceiveChannel[Batch]) -> bool:
+        """Spool batches and replay the spool until it is empty (False: go live) or the input
+        ended and the replay is over or cannot go on (True)."""
+        pending, self._carry = self._carry, []
+        input_done = False
+        deadline = float("inf")
+        probes_failed_at_end = 0
+        while True:
+            if not input_done and not self._full:
+                input_done = self._take_waiting(batches_rx, pending)
+            late = self.sink.take_returned()
+            if late:
+                # Reports that came after the purge settled (or message timeouts): older than
+                # what is spooled already, so per-symbol order may break here. Never lost.
+                log.warning("spool.late_returns", records=len(late))
+                pending[:0] = late
+            if pending and await self._append(pending):
+                pending = []
+            await self._service_replay()
+            drained = not (pending or self._outstanding or self._unsent or self.spool.pending)
+            if drained and input_done:
+                return True
+            if drained and self.kafka_up:
+                self._go_live()
+                return False
+            if input_done and not pending:
+                # Draining: replay on while Kafka takes it, within the bound; when it is down,
+                # one more failed probe ends the wait (the records are safe on disk).
+                if deadline == float("inf"):
+                    deadline = self._clock() + self.replay_deadline_s
+                    probes_failed_at_end = self._probes_failed
+                if self._clock() >= deadline:
+                    return True
+                if not self.kafka_up and self._probes_failed > probes_failed_at_end:
+                    return True
+            busy = self.kafka_up and (self._outstanding or self.spool.unread)
+            wait = REPLAY_TICK_S if busy else LIVE_CHECK_S
+            if input_done or self._full:
+                await trio.sleep(wait)
+                continue
+            with trio.move_on_after(wait):
+                try:
+                    batch = await batches_rx.receive()
+                except trio.EndOfChannel:
+                    input_done = True
+                else:
+                    self._accept(batch)
+                    pending.extend(batch)
+
+    # -- outage detection and the switch --------------------------------------------------------
+
+    def _outage_reason(self) -> str | None:
+        sink = self.sink
+        in_flight = sink.in_flight()
+        if not in_flight:
+            return None
+        idle_s = self._clock() - sink.progress_at
+        if sink.brokers_down and idle_s > min(1.0, self.outage_after_s):
+            return "brokers_down"
+        if in_flight >= self.queue_limit:
+            return "queue_full"
+        if idle_s > self.outage_after_s:
+            return "no_acks"
+        return None
+
+    def _start_spooling(self, reason: str) -> None:
+        self.spooling = True
+        self.kafka_up = False
+        self._outage_started = self._clock()
+        self._sent_in_outage = 0
+        self._m_outages.labels(reason).inc()
+        self._m_active.set(1)
+        self._probe_wanted.set()
+
+    async def _enter_outage(self, reason: str, rest: Batch) -> None:
+        sink = self.sink
+        log.warning(
+            "spool.outage",
+            reason=reason,
+            in_flight=sink.in_flight(),
+            spool_dir=str(self.spool.dir),
+            detail="Kafka is not taking records: accepted records go to the on-disk spool",
+        )
+        self._start_spooling(reason)
+        await sink.purge_queued()
+        await self._settle()
+        # The purged records are older than `rest` (the unsent part of the last batch).
+        self._accept(rest)
+        self._carry = [*sink.take_returned(), *rest]
+
+    def _go_live(self) -> None:
+        took_s = self._clock() - self._outage_started
+        log.info(
+            "spool.recovered",
+            replayed=self._sent_in_outage,
+            outage_s=round(took_s, 3),
+            detail="spool replayed and empty: records go straight to Kafka again",
+        )
+        self.spooling = False
+        self._full = False
+        self._done.clear()
+        self._m_active.set(0)
+
+    async def _settle(self) -> None:
+        """Serve delivery reports until the purged records' reports are all in."""
+        sink = self.sink
+        start = self._clock()
+        last, stable_since = -1, start
+        while self._clock() - start < SETTLE_MAX_S:
+            sink.poll()
+            n = sink.in_flight()
+            now = self._clock()
+            if n != last:
+                last, stable_since = n, now
+            elif now - stable_since >= SETTLE_STABLE_S:
+                return
+            await trio.sleep(0.01)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await self._probe_wanted.wait()
+            if await self.sink.probe(timeout_s=min(2.0, self.outage_after_s)):
+                self._probe_wanted = trio.Event()
+                self.kafka_up = True
+                self.sink.brokers_down = False
+                self.sink.progress_at = self._clock()
+                log.info(
+                    "spool.kafka_back",
+                    pending=self.spool.pending,
+                    detail="a broker answers again: replaying the spool",
+                )
+            else:
+                self._probes_failed += 1
+                await trio.sleep(self.probe_interval_s)
+
+    # -- spool I/O ------------------------------------------------------------------------------
+
+    def _take_waiting(self, batches_rx: trio.MemoryReceiveChannel[Batch], into: list[Any]) -> bool:
+        """Move batches already waiting into `into` (bounded); True when the input has ended."""
+        while len(into) < APPEND_MAX_RECORDS:
+            try:
+                batch = batches_rx.receive_nowait()
+            except trio.WouldBlock:
+                return False
+            except trio.EndOfChannel:
+                return True
+            self._accept(batch)
+            into.extend(batch)
+        return False
+
+    def _accept(self, records: Iterable[Any]) -> None:
+        accepted = self.sink.stats.accepted
+        for r in records:
+            accepted.inc(r.topic)
+
+    async def _append(self, entries: list[Any]) -> bool:
+        """Append durably; False when the spool is full (the caller keeps the records)."""
+        try:
+            await self.sink.run_blocking(functools.partial(self.spool.append, entries))
+        except SpoolFull as exc:
+            if not self._full:
+                log.error(
+                    "spool.full",
+                    size_bytes=exc.size_bytes,
+                    max_bytes=exc.max_bytes,
+                    detail="not taking records until the replay frees room (backpressure)",
+                )
+                self._full = True
+            return False
+        self._full = False
+        return True
+
+    # -- replay ---------------------------------------------------------------------------------
+
+    async def _ack_prefix(self) -> None:
+        """Ack the delivered prefix (what was delivered out of order waits in _done)."""
+        acked: Position | None = None
+        outstanding = self._outstanding
+        while outstanding and outstanding[0].ordinal in self._done:
+            acked = outstanding.popleft()
+            self._done.discard(acked.ordinal)
+        if acked is not None:
+            await self.sink.run_blocking(functools.partial(self.spool.ack, acked))
+
+    async def _service_replay(self) -> None:
+        sink = self.sink
+        sink.poll()
+        await self._ack_prefix()
+        outstanding = self._outstanding
+        if self._given_back:
+            if all(p.ordinal in self._done or p.ordinal in self._given_back for p in outstanding):
+                # Everything sent has its report: read again from the first unacked record,
+                # skipping those delivered meanwhile (they stay in _done).
+                self._given_back.clear()
+                outstanding.clear()
+                self._unsent.clear()
+                await self.sink.run_blocking(self.spool.rewind)
+            return
+        if not self.kafka_up:
+            return
+        if outstanding and self._clock() - sink.progress_at > self.outage_after_s:
+            log.warning(
+                "spool.outage",
+                reason="no_acks",
+                in_flight=sink.in_flight(),
+                detail="Kafka stopped taking the replay",
+            )
+            self.kafka_up = False
+            self._m_outages.labels("no_acks").inc()
+            self._probe_wanted.set()
+            await sink.purge_queued()
+            return
+        room = self.replay_window - len(outstanding)
+        if room > 0 and not self._unsent and self.spool.unread:
+            got = await self.sink.run_blocking(functools.partial(self.spool.read, max_entries=room))
+            for pos, entry in got:
+                outstanding.append(pos)
+                if pos.ordinal not in self._done:
+                    self._unsent.append((pos, entry))
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        unsent = self._unsent
+        while unsent:
+            pos, entry = unsent[0]
+            try:
+                self.sink.produce_spooled(entry, functools.partial(self._on_replayed, pos.ordinal))
+            except BufferError:
+                return  # librdkafka's queue is full: the next tick tries again
+            unsent.popleft()
+            self._sent_in_outage += 1
+
+    def _on_replayed(self, ordinal: int, err: confluent_kafka.KafkaError | None, msg: Any) -> None:
+        if err is None:
+            self._done.add(ordinal)
+            self.sink.delivered_replay(msg.topic())
+        elif self.sink.is_returned(err):
+            self._given_back.add(ordinal)
+        else:
+            self.sink.delivery_failed(msg, err)  # dead-lettered: handled, ack it
+            self._done.add(ordinal)
+
+    # -- end of input ---------------------------------------------------------------------------
+
+    async def _finish(self) -> None:
+        sink = self.sink
+        if not self.spooling:
+            remaining = await sink.flush()
+        else:
+            remaining = len(self._outstanding)
+            if remaining:  # let the replayed records in flight land, then ack them
+                remaining = await sink.flush(min(2.0, sink.flush_timeout_s))
+        if remaining:
+            # Kafka did not take everything: what was not sent yet goes to the spool (replayed
+            # records given back are in it already: they stay unacked).
+            await sink.purge_queued()
+            await self._settle()
+        await self._ack_prefix()
+        returned = sink.take_returned()
+        if returned and not await self._append(returned):
+            log.error("spool.lost_at_shutdown", records=len(returned), reason="spool full")
+        undelivered = sink.in_flight()
+        summary = sink.stats.summary()
+        if undelivered:
+            log.error(
+                "kafka.flush_incomplete", undelivered=undelivered, timeout_s=sink.flush_timeout_s
+            )
+        if self.spool.pending:
+            log.warning(
+                "spool.retained",
+                pending=self.spool.pending,
+                size_bytes=self.spool.size_bytes,
+                dir=str(self.spool.dir),
+                detail="Kafka did not take these before shutdown: replayed at the next start",
+            )
+        log.info(
+            "kafka.flushed",
+            undelivered=undelivered,
+            spooled=self.spool.pending,
+            **{t: f"{c['accepted']}/{c['delivered']}/{c['failed']}" for t, c in summary.items()},
+        )
