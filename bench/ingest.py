@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -135,6 +136,8 @@ def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[
         "BINANCE_REST_URL": ws_url.replace("ws://", "http://").removesuffix("/stream"),
         "BINANCE_STREAMS": ",".join(STREAMS),
         "TOPIC_RAW_TRADES": topic,
+        # The Kafka-outage spool is armed (not embedded Kafka), as in production; its own dir.
+        "SPOOL_DIR": tempfile.mkdtemp(prefix="marketd-bench-spool-"),
         **extra_env,
     }
     proc = subprocess.Popen(

@@ -51,8 +51,9 @@ def _components(cfg: Config) -> list[tuple[str, Callable[..., Awaitable[None]]]]
 
 @asynccontextmanager
 async def _kafka(cfg: Config) -> AsyncIterator[str]:
-    if cfg.kafka.bootstrap_servers.strip().lower() != EMBEDDED:
-        yield cfg.kafka.bootstrap_servers
+    needed = cfg.components.ingest or cfg.components.tickers
+    if not needed or cfg.kafka.bootstrap_servers.strip().lower() != EMBEDDED:
+        yield cfg.kafka.bootstrap_servers  # an API-only process talks to no Kafka
         return
     cluster = await trio.to_thread.run_sync(EmbeddedCluster)
     log.warning(
@@ -148,10 +149,23 @@ async def run_daemon(cfg: Config, *, metrics: MetricsFactory | None = None) -> i
                     _notify("READY=1")
                 outer.cancel_scope.cancel()  # components are done: stop watching signals
     except* (FatalComponentError, MissingDependency) as group:
-        log.error("daemon.exit", reason=str(group.exceptions[0]))
+        first = _first_leaf(group)
+        cause = _first_leaf(first.__cause__) if first.__cause__ is not None else None
+        log.error(
+            "daemon.exit",
+            reason=str(first),
+            cause=f"{type(cause).__name__}: {cause}" if cause is not None else None,
+        )
         outcome["code"] = EXIT_FAILED
     log.info("daemon.stopped", exit_code=outcome["code"])
     return outcome["code"]
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first real exception in (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _safe(url: str | None) -> str | None:

@@ -50,7 +50,7 @@ class RequestBackfill:
     from_id: int
     to_id: int
     kind: str  # "trades" (historicalTrades) | "agg_trades" (aggTrades)
-    reason: str  # "reconnect" | "id_jump"
+    reason: str  # "reconnect" | "id_jump" | "restart"
 
 
 @attrs.frozen
@@ -119,7 +119,7 @@ class _Hole:
     from_id: int
     to_id: int
     since: float  # caller's monotonic clock, when it was detected
-    reason: str  # why it appeared (reconnect / id_jump), or why it was lost (when `lost`)
+    reason: str  # why it appeared (reconnect/id_jump/restart), or why it was lost (when `lost`)
     requested: bool = False
     lost: bool = False  # backfill gave up on it: skipped with a gap record when the tape gets here
 
@@ -142,6 +142,9 @@ class _Trades(Generic[R]):
     holes: list[_Hole] = attrs.field(factory=list)  # ordered, disjoint, all inside (last, top)
     requests: list[_Request] = attrs.field(factory=list)
     reconnected: bool = False
+    # The last id a previous process published (`TradeGate.seed`): while `top` is still this id,
+    # nothing of this process has been taken yet, and a jump past it is the restart's hole.
+    seed: int | None = None
 
 
 class TradeGate(Generic[R]):
@@ -151,7 +154,8 @@ class TradeGate(Generic[R]):
     each backfill (`on_backfill_done`); call `tick(now)` at least every `gap_grace_s` so gaps of
     quiet symbols are requested. `now` is any monotonic clock in seconds (`trio.current_time()`).
     A jump is requested after `gap_grace_s` (the other connection of a rotation usually fills
-    it within milliseconds; 0 = at once), or at once after `on_reconnect`.
+    it within milliseconds; 0 = at once), or at once after `on_reconnect`, or at once when it
+    follows a `seed` (the ids a restart missed).
     """
 
     def __init__(
@@ -176,6 +180,30 @@ class TradeGate(Generic[R]):
         self._dup_backfill = self._m.duplicates.labels(kind, "backfill")
 
     # -- inputs -------------------------------------------------------------------------------
+
+    def seed(self, symbol: str, last_id: int) -> None:
+        """`last_id` of `symbol` was published before this process started (spool, topic tail).
+
+        The symbol then continues that tape instead of starting a new one: a first live trade
+        `last_id + 1` is emitted as usual; a higher one makes `last_id + 1 .. id - 1` a gap
+        (reason "restart") that is requested at once, with live trades held behind it like any
+        other; ids up to `last_id` are duplicates (dropped, counted). Call it before the
+        symbol's first trade; seeding again before then keeps the higher id (several sources
+        may know part of the tail). Raises ValueError once the symbol has trades, or for a
+        negative id.
+        """
+        if last_id < 0:
+            raise ValueError(f"seed for {symbol!r} must be a trade id >= 0, not {last_id!r}")
+        st = self._state.get(symbol)
+        if st is None:
+            self._state[symbol] = _Trades(last=last_id, top=last_id, seed=last_id)
+            return
+        if st.seed is None or st.top != st.seed or st.held:
+            raise ValueError(
+                f"cannot seed {symbol!r} with {last_id}: it already has trades (last {st.last})"
+            )
+        if last_id > st.seed:
+            st.last = st.top = st.seed = last_id
 
     def on_live(
         self,
@@ -322,9 +350,11 @@ class TradeGate(Generic[R]):
             return False
         st.held[trade_id] = (record, backfill, trade_time)
         if trade_id > st.top + 1:
-            reason = "reconnect" if st.reconnected else "id_jump"
-            # After a reconnect nobody else will fill the hole: request it without grace.
-            since = now - self.gap_grace_s if st.reconnected else now
+            restart = st.top == st.seed
+            reason = "restart" if restart else "reconnect" if st.reconnected else "id_jump"
+            # After a restart or a reconnect nobody else will fill the hole: request it without
+            # grace.
+            since = now - self.gap_grace_s if restart or st.reconnected else now
             st.holes.append(_Hole(st.top + 1, trade_id - 1, since, reason))
             st.reconnected = False
         if trade_id > st.top:

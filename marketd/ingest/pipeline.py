@@ -3,8 +3,8 @@
 Stages are started downstream-first (producer, batcher, decoder, then the connections), joined by
 bounded channels. Shutdown is by closing channels: on `rt.draining` the connections stop reading
 and close their channel clones; the decoder, batcher and producer drain in turn; the producer
-flushes. `run_ingest` returns once everything accepted was handed to Kafka (or the flush bound
-passed, which is logged with the count).
+flushes. `run_ingest` returns once everything accepted was handed to Kafka, or to the on-disk
+spool when Kafka could not take it (or the flush bound passed, which is logged with the count).
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ from marketd.ingest.decode import Decoder, Frame, Outgoing, Topics
 from marketd.ingest.limits import TokenBucket
 from marketd.ingest.produce import KafkaSink, ProduceStats, run_producer
 from marketd.ingest.source import SourceMetrics, run_connection
-from marketd.ingest.streams import parse_streams, shard_streams, split_connections
+from marketd.ingest.spooling import SpoolingProducer, spool_trade_tail
+from marketd.ingest.streams import StreamSpec, parse_streams, shard_streams, split_connections
 from marketd.ingest.tape import Reconnected, Request, TapeKeeper
-from marketd.kafka.client import producer_settings
+from marketd.kafka.client import EMBEDDED, consumer_settings, producer_settings
+from marketd.kafka.tail import trade_tail
 from marketd.logs import get_logger
 from marketd.records import AggTradeRecord, KlineRecord, TradeRecord
 from marketd.rest.budget import WeightBudget
 from marketd.rest.client import BinanceRest
 from marketd.runtime import Runtime
+from marketd.spool import Spool
 
 log = get_logger(__name__)
 
@@ -70,9 +73,11 @@ async def run_decoder(
     async with frames_rx, chunks_tx:
         task_status.started()
         while True:
+            received = False
             with trio.move_on_at(next_tick):
                 try:
                     item = await frames_rx.receive()
+                    received = True
                 except trio.EndOfChannel:
                     break
             now = trio.current_time()
@@ -83,7 +88,10 @@ async def run_decoder(
             if now >= next_tick:
                 chunk += keeper.tick(now)
                 next_tick = now + tick_s
-            else:
+            # Not `else`: a receive that completed can still return after the deadline (the
+            # decoder was handed the item, then waited a scheduler round), and the item must
+            # not be dropped: a lost backfill page becomes a not_on_rest gap in the tape.
+            if received:
                 _take(item, decode, decoded, chunk, keeper, now)
                 taken = 1
                 if busy and coalesce_s > 0:
@@ -198,6 +206,25 @@ def _buffered(channel: trio.MemorySendChannel[Any]) -> int:
     return channel.statistics().current_buffer_used
 
 
+async def _read_trade_tail(rt: Runtime) -> dict[str, int]:
+    settings = consumer_settings(rt.config.kafka, rt.kafka_bootstrap, "marketd-tail")
+    return await trio.to_thread.run_sync(
+        functools.partial(trade_tail, settings, rt.config.topics.raw_trades),
+        abandon_on_cancel=True,
+    )
+
+
+async def _open_spool(rt: Runtime) -> Spool | None:
+    """The Kafka-outage spool, recovered from disk; None when disabled or Kafka is embedded (the
+    in-process mock cluster lives and dies with us: there is no outage to outlast)."""
+    cfg = rt.config
+    if not cfg.spool.enabled or cfg.kafka.bootstrap_servers.strip().lower() == EMBEDDED:
+        return None
+    spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes, metrics=rt.metrics)
+    await trio.to_thread.run_sync(spool.open)
+    return spool
+
+
 async def run_ingest(
     rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -211,7 +238,22 @@ async def run_ingest(
             detail="this shard owns none of the configured streams",
         )
     rt.health.set("ingest", started=False, healthy=False, detail="starting")
+    spool = await _open_spool(rt)
+    try:
+        await _run_ingest(rt, connections, specs, spool, task_status)
+    finally:
+        if spool is not None:
+            spool.close()
 
+
+async def _run_ingest(
+    rt: Runtime,
+    connections: list[tuple[StreamSpec, ...]],
+    specs: tuple[StreamSpec, ...],
+    spool: Spool | None,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    cfg = rt.config
     stats = ProduceStats.create(rt.metrics)
     sink = KafkaSink(
         producer_settings(cfg.kafka, rt.kafka_bootstrap),
@@ -235,6 +277,12 @@ async def run_ingest(
         max_held=cfg.backfill.max_held_per_symbol,
         metrics=rt.metrics,
     )
+    if spool is not None and spool.pending:
+        # Trades spooled by an earlier run are published before anything new: the gate starts
+        # from their last ids, so what was missed while marketd was down is backfilled.
+        last_ids = await trio.to_thread.run_sync(spool_trade_tail, spool, cfg.topics.raw_trades)
+        keeper.seed_trades(last_ids)
+        log.info("ingest.seeded_from_spool", symbols=len(last_ids))
     chunks_tx, chunks_rx = trio.open_memory_channel[list[Outgoing]](cfg.ingest.record_buffer)
     batches_tx, batches_rx = trio.open_memory_channel[Batch](cfg.ingest.batch_buffer)
     policy = BatchPolicy(
@@ -257,7 +305,19 @@ async def run_ingest(
     stop_reading = trio.Event()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_producer, batches_rx, sink)
+        if spool is None:
+            await nursery.start(run_producer, batches_rx, sink)
+        else:
+            spooling = SpoolingProducer(
+                sink,
+                spool,
+                cfg.spool,
+                trades_topic=cfg.topics.raw_trades,
+                read_tail=functools.partial(_read_trade_tail, rt),
+                replay_deadline_s=cfg.kafka.flush_timeout_s,
+                metrics=rt.metrics,
+            )
+            await nursery.start(spooling.run, batches_rx)
         await nursery.start(
             functools.partial(run_batcher, batch_sizes=batch_sizes), chunks_rx, batches_tx, policy
         )

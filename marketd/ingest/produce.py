@@ -9,8 +9,10 @@ the trio thread, and the two threads ping-pong it.) A full local queue
 pipeline slows the WebSocket reader instead of growing memory. A permanently failed message is
 logged, counted and dead-lettered. On end of input the producer is flushed (bounded by
 `flush_timeout_s`) and a per-topic summary of accepted/delivered/failed is kept for the log.
-With a spool (marketd/ingest/spooling.py) messages librdkafka gives back unsent (purged, timed
-out) are collected in `returned` for it instead of being dead-lettered.
+With a spool (marketd/ingest/spooling.py) the sink keeps every record until it is acknowledged
+(`unacked`, by produce sequence number), so the spooling stage can make them durable when Kafka
+stops answering, and records librdkafka gives up on (message.timeout.ms) are collected in
+`returned` for the spool instead of being dead-lettered.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ log = get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
 
 # Delivery errors meaning "librdkafka gave the message back unsent (or gave up waiting)": with a
-# spool these go to disk and are replayed; without one they are delivery failures.
+# spool these go to disk and are replayed; without one they are delivery failures. (marketd never
+# purges in-flight requests: one on the wire may still be written by the broker.)
 _RETURNED: frozenset[int] = frozenset(
     {
         confluent_kafka.KafkaError._PURGE_QUEUE,
@@ -106,18 +109,21 @@ class KafkaSink:
     ) -> None:
         self._producer = producer_factory({**settings, "error_cb": self._on_error})
         self._clock = clock
-        # Blocking librdkafka calls (purge, metadata, flush) run in worker threads; a test with
-        # a scripted producer on virtual time passes an inline runner instead.
+        # Blocking librdkafka calls (metadata, flush) run in worker threads; a test with a
+        # scripted producer on virtual time passes an inline runner instead.
         self.run_blocking: RunBlocking = run_blocking or _in_thread
         # Outage signals read by the spooling stage: when an ack last came (or the queue last
         # went from empty to busy), and whether librdkafka reported every broker down.
         self.progress_at = clock()
         self.brokers_down = False
-        # Messages given back unsent, with their produce sequence number; None = no spool (they
-        # are failures then). librdkafka reports a purge partly from the partition queues and
-        # partly from the broker threads' queues, so report order is not produce order.
+        # With a spool (see `track`): records not yet acknowledged, by produce sequence number;
+        # those librdkafka gave up on; and a hook told of every resolution (seq, delivered),
+        # which answers True when it took care of a failed record itself.
+        self.unacked: dict[int, Any] | None = None
         self.returned: list[tuple[int, SpoolEntry]] | None = None
+        self.on_resolved: Callable[[int, bool], bool] | None = None
         self._seq = 0  # produce order of every message handed to librdkafka
+        self._abandoned = False  # everything still in librdkafka is in the spool (`abandon`)
         self.dlq_topic = dlq_topic
         self.stats = stats
         self.flush_timeout_s = flush_timeout_s
@@ -139,23 +145,40 @@ class KafkaSink:
                 "kafka.error", error=err.str(), fatal=err.fatal(), suppressed_since_last=suppressed
             )
 
+    def track(self, on_resolved: Callable[[int, bool], bool]) -> None:
+        """Keep every record until acknowledged, and report each resolution (the spool's use)."""
+        self.unacked = {}
+        self.returned = []
+        self.on_resolved = on_resolved
+
     def _on_delivery(
         self, recv_ns: int, seq: int, err: confluent_kafka.KafkaError | None, msg: Any
     ) -> None:
+        if self._abandoned:
+            return  # purged by `abandon`: kept in the spool, not a failure
         topic = msg.topic()
+        unacked = self.unacked
+        if unacked is not None:
+            unacked.pop(seq, None)
+        hook = self.on_resolved
         if err is None:
             self.stats.delivered.inc(topic)
             self._latency.observe((time.time_ns() - recv_ns) / 1e9)
             self.progress_at = self._clock()
             self.brokers_down = False
+            if hook is not None:
+                hook(seq, True)
             return
         if self.returned is not None and err.code() in _RETURNED:
-            self.returned.append(
-                (seq, SpoolEntry(topic, msg.key(), msg.value() or b"", recv_ns, msg.headers()))
-            )
             self.stats.returned.inc(topic)
+            if hook is None or not hook(seq, False):
+                self.returned.append(
+                    (seq, SpoolEntry(topic, msg.key(), msg.value() or b"", recv_ns, msg.headers()))
+                )
             return
         self.delivery_failed(msg, err)
+        if hook is not None:
+            hook(seq, True)  # dead-lettered: handled, nothing to send again
 
     def is_returned(self, err: confluent_kafka.KafkaError) -> bool:
         """Given back unsent (purged or timed out): safe to send again, not a failure."""
@@ -222,6 +245,7 @@ class KafkaSink:
         if not len(producer):
             self.progress_at = self._clock()  # idle until now: the ack clock starts here
         seq = self._seq
+        unacked = self.unacked
         for i, out in enumerate(batch):
             while True:
                 try:
@@ -240,6 +264,8 @@ class KafkaSink:
                     if not await self._wait_for_room(give_up):
                         self._in_flight.set()
                         return batch[i:]
+            if unacked is not None:
+                unacked[seq] = out
             seq += 1
             accepted.inc(out.topic)
         self._seq = seq
@@ -276,25 +302,28 @@ class KafkaSink:
         served: int = self._producer.poll(0)
         return served
 
-    async def purge_queued(self) -> None:
-        """Give back every message not yet sent to a broker (their reports say _PURGE_QUEUE).
-
-        Never in-flight ones: a request already on the wire may still be written by the broker,
-        and sending it again would duplicate it (measured with the mock cluster). Blocking (in a
-        worker thread) until the broker threads purged their queues too, so that no report of a
-        purged message can arrive after the caller moved on to newer records.
-        """
-        await self.run_blocking(
-            functools.partial(self._producer.purge, in_queue=True, in_flight=False, blocking=True)
-        )
-
-    def take_returned(self) -> list[SpoolEntry]:
-        """Messages given back since the last call, in the order they were produced."""
+    def take_returned(self) -> list[tuple[int, SpoolEntry]]:
+        """Records given back since the last call, with their sequence numbers, in produce order
+        (reports of different partitions come interleaved)."""
         if not self.returned:
             return []
         taken, self.returned = self.returned, []
         taken.sort(key=lambda r: r[0])
-        return [entry for _, entry in taken]
+        return taken
+
+    def abandon(self) -> None:
+        """Drop everything librdkafka still holds, in flight included: the caller has it in the
+        spool, and a retry from this producer later (a component restart keeps the process)
+        would publish it a second time."""
+        self._abandoned = True
+        self._producer.purge(in_queue=True, in_flight=True, blocking=True)
+        self._producer.poll(0)
+
+    def take_unacked(self) -> list[tuple[int, Any]]:
+        """Every record handed to librdkafka and not resolved yet, in produce order."""
+        if not self.unacked:
+            return []
+        return sorted(self.unacked.items())
 
     async def probe(self, timeout_s: float) -> bool:
         """Does a broker answer a metadata request within `timeout_s`? (worker thread)"""

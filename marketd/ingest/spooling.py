@@ -1,24 +1,25 @@
 """The producer stage with a Kafka-outage spool: batches in, Kafka or the on-disk spool out.
 
 Receives batches from the batcher, like `run_producer`. While Kafka acknowledges, batches go
-straight to the producer (live). When it stops (records in flight and no ack for
-`spool.outage_after_s`, every broker reported down, librdkafka's queue past
-`spool.queue_threshold`, or librdkafka giving records back), the stage purges librdkafka's unsent
-queue into the spool and appends every later batch there, fsync'd per append: what was appended
-survives a kill -9. A metadata probe finds Kafka back; the spool is then replayed in append
-order, acked as delivered, and the stage goes live once it is empty. A spool left non-empty by
-an earlier run is replayed before any new data. A full spool stops taking batches, so the
-bounded channels upstream slow the WebSocket reader (the continuity tracker backfills later
-what the reader could not take).
+straight to the producer (live), which keeps each record until its ack. When Kafka stops
+answering (records in flight and no ack for `spool.outage_after_s`, every broker reported down,
+librdkafka's queue past `spool.queue_threshold`, or librdkafka giving records up), the stage
+appends a copy of every unacknowledged record to the spool (a "shadow": librdkafka still holds
+and retries the original), then every later batch, fsync'd per append: from then on a kill -9
+loses nothing. A metadata probe finds Kafka back; the spool is replayed in append order behind
+the originals (librdkafka keeps produce order per partition), a shadow is sent only if its
+original failed, and entries are acked as a contiguous prefix; the stage goes live once the
+spool is empty. A full spool stops taking batches, so the bounded channels upstream slow the
+WebSocket reader (the continuity tracker backfills later what the reader could not take).
 
-Order: per partition, librdkafka keeps produce order and a purge gives back a queue's unsent
-tail; so the spool holds, per symbol, exactly the records after those still in flight, and the
-replay sends them behind those. Records acknowledged out of order during a replay are remembered
-and not sent twice after a rewind.
+A spool left by an earlier run is replayed before any new data. Its trades already in the topic
+(a crash can leave a record both written by the broker and spooled) are skipped by comparing
+with the topic's tail, so the trade tape stays duplicate-free; other record kinds are at least
+once (their consumers de-duplicate by event time and kline identity).
 
-On end of input: live -> flush; what Kafka still has not taken is purged into the spool. Spooling
--> the rest is appended; the replay goes on while Kafka takes it (bounded by kafka.flush_timeout_s)
-and whatever remains stays on disk for the next start (logged as `spool.retained`).
+On end of input: live -> flush; whatever Kafka has not acknowledged goes to the spool. Spooling
+-> the rest is appended; the replay goes on while Kafka takes it (bounded by kafka.flush_timeout_s,
+or until a probe fails when Kafka is down) and what remains stays on disk (`spool.retained`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import collections
 import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import confluent_kafka
@@ -34,6 +35,7 @@ import msgspec
 import trio
 
 from marketd.config import SpoolConfig
+from marketd.errors import KafkaUnavailable
 from marketd.ingest.batch import Batch
 from marketd.ingest.produce import KafkaSink
 from marketd.logs import get_logger
@@ -50,10 +52,8 @@ APPEND_MAX_RECORDS: Final = 5000
 LIVE_CHECK_S: Final = 0.25
 # Replay service interval while spooled records are in flight (delivery reports, acks).
 REPLAY_TICK_S: Final = 0.005
-# After a purge: delivery reports of the purged records are in once the in-flight count has
-# stayed put this long (bounded by SETTLE_MAX_S).
-SETTLE_STABLE_S: Final = 0.2
-SETTLE_MAX_S: Final = 3.0
+
+TailReader = Callable[[], Awaitable[dict[str, int]]]
 
 
 class _TradeIds(msgspec.Struct):
@@ -62,6 +62,13 @@ class _TradeIds(msgspec.Struct):
 
 
 _trade_ids = msgspec.json.Decoder(_TradeIds)
+
+
+def _trade_of(entry: SpoolEntry) -> _TradeIds | None:
+    try:
+        return _trade_ids.decode(entry.value)
+    except msgspec.DecodeError:
+        return None
 
 
 def spool_trade_tail(spool: Spool, trades_topic: str) -> dict[str, int]:
@@ -73,14 +80,8 @@ def spool_trade_tail(spool: Spool, trades_topic: str) -> dict[str, int]:
     last: dict[str, int] = {}
     try:
         for _, entry in spool.replay():
-            if entry.topic != trades_topic:
-                continue
-            try:
-                t = _trade_ids.decode(entry.value)
-            except msgspec.DecodeError:
-                continue
-            if t.trade_id > last.get(t.symbol, -1):
-                last[t.symbol] = t.trade_id
+            if entry.topic == trades_topic and (t := _trade_of(entry)) is not None:
+                last[t.symbol] = max(t.trade_id, last.get(t.symbol, -1))
     finally:
         spool.rewind()
     return last
@@ -95,6 +96,8 @@ class SpoolingProducer:
         spool: Spool,
         cfg: SpoolConfig,
         *,
+        trades_topic: str | None = None,
+        read_tail: TailReader | None = None,
         replay_deadline_s: float = 10.0,
         queue_max_messages: int = DEFAULT_QUEUE_MAX_MESSAGES,
         metrics: MetricsFactory | None = None,
@@ -107,26 +110,40 @@ class SpoolingProducer:
         self.replay_window = cfg.replay_window
         self.queue_limit = max(1, int(queue_max_messages * cfg.queue_threshold))
         self.replay_deadline_s = replay_deadline_s
+        self.trades_topic = trades_topic
+        self._read_tail = read_tail
         self._clock = clock
-        sink.returned = []
+        sink.track(self._on_resolved)
         self.spooling = False
         self.kafka_up = True
         self._probe_wanted = trio.Event()
         self._probes_failed = 0
         self._outage_started = 0.0
         self._full = False  # the last append was refused: take no batches until one succeeds
-        self._carry: list[Any] = []  # records to append first when spooling starts
+        # Shadows waiting to be appended: (seq of the original in librdkafka, record).
+        self._carry: list[tuple[int, Any]] = []
+        # Originals whose shadow is (or is about to be) spooled: seq -> shadow ordinal (None
+        # until appended), and what became of those resolved before their shadow was appended.
+        self._shadow_of: dict[int, int | None] = {}
+        self._early: dict[int, bool] = {}
+        self._awaiting: set[int] = set()  # shadow ordinals whose original is unresolved
+        self._stash: dict[int, SpoolEntry] = {}  # read shadows, sent if their original fails
         # Replay bookkeeping, by spool ordinal (position in append order since open).
         self._outstanding: collections.deque[Position] = collections.deque()  # read, in order
         self._unsent: collections.deque[tuple[Position, SpoolEntry]] = collections.deque()
-        self._done: set[int] = set()  # delivered (or dead-lettered), not yet acked
-        self._given_back: set[int] = set()  # purged/timed out: to send again after a rewind
+        self._done: set[int] = set()  # delivered (or dead-lettered, or skipped), not yet acked
+        self._given_back: set[int] = set()  # replayed, timed out: sent again after a rewind
+        self._backlog_end = spool.appended if spool.pending else 0  # ordinals of a past run
+        self._tail: dict[str, int] | None = None
         self._sent_in_outage = 0
         m = metrics or MetricsFactory()
         self._m_outages = m.counter(
             "kafka_outages", "times the producer switched to the spool", ["reason"]
         )
         self._m_active = m.gauge("spool_active", "1 while accepted records go to the spool")
+        self._m_skipped = m.counter(
+            "spool_skipped_duplicates", "spooled trades found in the topic already (after a crash)"
+        )
 
     # -- the stage ------------------------------------------------------------------------------
 
@@ -173,31 +190,35 @@ class SpoolingProducer:
                 rest = await sink.produce_batch(batch, self._outage_reason)
             reason = self._outage_reason() or ("queue_full" if rest else None)
             if reason is None and sink.returned:
-                reason = "returned"  # librdkafka gave up on some (message.timeout.ms)
+                reason = "gave_up"  # librdkafka gave up on some (message.timeout.ms)
             if reason is not None:
-                await self._enter_outage(reason, rest)
+                self._enter_outage(reason, rest)
                 return False
 
     async def _run_spooling(self, batches_rx: trio.MemoryReceiveChannel[Batch]) -> bool:
         """Spool batches and replay the spool until it is empty (False: go live) or the input
         ended and the replay is over or cannot go on (True)."""
-        pending, self._carry = self._carry, []
+        pending: list[Any] = []
         input_done = False
         deadline = float("inf")
         probes_failed_at_end = 0
         while True:
+            if self._carry and await self._append_shadows():
+                self._carry = []
             if not input_done and not self._full:
                 input_done = self._take_waiting(batches_rx, pending)
             late = self.sink.take_returned()
             if late:
-                # Reports that came after the purge settled (or message timeouts): older than
-                # what is spooled already, so per-symbol order may break here. Never lost.
+                # Given up by librdkafka without a shadow (produced live, failed since): older
+                # than what is spooled already, so per-symbol order may break here. Never lost.
                 log.warning("spool.late_returns", records=len(late))
-                pending[:0] = late
-            if pending and await self._append(pending):
+                pending[:0] = [entry for _, entry in late]
+            if pending and not self._carry and await self._append(pending):
                 pending = []
             await self._service_replay()
-            drained = not (pending or self._outstanding or self._unsent or self.spool.pending)
+            drained = not (
+                pending or self._carry or self._outstanding or self._unsent or self.spool.pending
+            )
             if drained and input_done:
                 return True
             if drained and self.kafka_up:
@@ -252,21 +273,25 @@ class SpoolingProducer:
         self._m_active.set(1)
         self._probe_wanted.set()
 
-    async def _enter_outage(self, reason: str, rest: Batch) -> None:
+    def _enter_outage(self, reason: str, rest: Batch) -> None:
         sink = self.sink
+        unacked = sink.take_unacked()
         log.warning(
             "spool.outage",
             reason=reason,
-            in_flight=sink.in_flight(),
+            in_flight=len(unacked),
             spool_dir=str(self.spool.dir),
             detail="Kafka is not taking records: accepted records go to the on-disk spool",
         )
         self._start_spooling(reason)
-        await sink.purge_queued()
-        await self._settle()
-        # The purged records are older than `rest` (the unsent part of the last batch).
+        # Shadows of what librdkafka still holds, then what it gave up on, then the unsent rest
+        # of the last batch: produce order.
+        given_up = sink.take_returned()
+        for seq, _ in unacked:
+            self._shadow_of[seq] = None
+        merged = sorted([*unacked, *given_up], key=lambda r: r[0])
         self._accept(rest)
-        self._carry = [*sink.take_returned(), *rest]
+        self._carry = [*merged, *((-1, r) for r in rest)]
 
     def _go_live(self) -> None:
         took_s = self._clock() - self._outage_started
@@ -280,21 +305,6 @@ class SpoolingProducer:
         self._full = False
         self._done.clear()
         self._m_active.set(0)
-
-    async def _settle(self) -> None:
-        """Serve delivery reports until the purged records' reports are all in."""
-        sink = self.sink
-        start = self._clock()
-        last, stable_since = -1, start
-        while self._clock() - start < SETTLE_MAX_S:
-            sink.poll()
-            n = sink.in_flight()
-            now = self._clock()
-            if n != last:
-                last, stable_since = n, now
-            elif now - stable_since >= SETTLE_STABLE_S:
-                return
-            await trio.sleep(0.01)
 
     async def _probe_loop(self) -> None:
         while True:
@@ -312,6 +322,22 @@ class SpoolingProducer:
             else:
                 self._probes_failed += 1
                 await trio.sleep(self.probe_interval_s)
+
+    def _on_resolved(self, seq: int, delivered: bool) -> bool:
+        """An original in librdkafka was acknowledged (or failed for good: True) or given up
+        (False). Returns True when a shadow covers a given-up record."""
+        if seq not in self._shadow_of:
+            return False
+        ordinal = self._shadow_of.pop(seq)
+        if ordinal is None:  # its shadow is not appended yet
+            self._early[seq] = delivered
+            return True
+        self._awaiting.discard(ordinal)
+        if delivered:
+            self._done.add(ordinal)
+        elif ordinal in self._stash:  # read already: send the copy now
+            self._unsent.append((Position(0, 0, ordinal), self._stash.pop(ordinal)))
+        return True
 
     # -- spool I/O ------------------------------------------------------------------------------
 
@@ -332,6 +358,23 @@ class SpoolingProducer:
         accepted = self.sink.stats.accepted
         for r in records:
             accepted.inc(r.topic)
+
+    async def _append_shadows(self) -> bool:
+        base = self.spool.appended
+        if not await self._append([r for _, r in self._carry]):
+            return False
+        for i, (seq, _) in enumerate(self._carry):
+            if seq < 0 or (seq not in self._shadow_of and seq not in self._early):
+                continue  # not a shadow (given up already, or the batch rest)
+            ordinal = base + i
+            early = self._early.pop(seq, None)
+            if early is None:
+                self._shadow_of[seq] = ordinal
+                self._awaiting.add(ordinal)
+            elif early:
+                self._done.add(ordinal)  # the original got through meanwhile
+            # else: the original was given up meanwhile: the shadow is sent like any entry
+        return True
 
     async def _append(self, entries: list[Any]) -> bool:
         """Append durably; False when the spool is full (the caller keeps the records)."""
@@ -368,13 +411,19 @@ class SpoolingProducer:
         await self._ack_prefix()
         outstanding = self._outstanding
         if self._given_back:
-            if all(p.ordinal in self._done or p.ordinal in self._given_back for p in outstanding):
-                # Everything sent has its report: read again from the first unacked record,
-                # skipping those delivered meanwhile (they stay in _done).
+            if all(
+                p.ordinal in self._done
+                or p.ordinal in self._given_back
+                or p.ordinal in self._awaiting
+                for p in outstanding
+            ):
+                # Every replayed record has its report: read again from the first unacked
+                # entry; what was delivered meanwhile stays in _done and is skipped.
                 self._given_back.clear()
                 outstanding.clear()
                 self._unsent.clear()
-                await self.sink.run_blocking(self.spool.rewind)
+                self._stash.clear()
+                await sink.run_blocking(self.spool.rewind)
             return
         if not self.kafka_up:
             return
@@ -388,16 +437,48 @@ class SpoolingProducer:
             self.kafka_up = False
             self._m_outages.labels("no_acks").inc()
             self._probe_wanted.set()
-            await sink.purge_queued()
+            return
+        if self._backlog_end and self._tail is None and not await self._load_tail():
             return
         room = self.replay_window - len(outstanding)
-        if room > 0 and not self._unsent and self.spool.unread:
-            got = await self.sink.run_blocking(functools.partial(self.spool.read, max_entries=room))
+        if room > 0 and self.spool.unread:
+            got = await sink.run_blocking(functools.partial(self.spool.read, max_entries=room))
             for pos, entry in got:
                 outstanding.append(pos)
-                if pos.ordinal not in self._done:
+                o = pos.ordinal
+                if o in self._done:
+                    continue
+                if o in self._awaiting:
+                    self._stash[o] = entry
+                elif o < self._backlog_end and self._already_in_topic(entry):
+                    self._done.add(o)
+                else:
                     self._unsent.append((pos, entry))
         self._send_unsent()
+
+    async def _load_tail(self) -> bool:
+        """Before replaying a past run's spool: the topic's last trade ids (see module doc)."""
+        if self._read_tail is None or self.trades_topic is None:
+            self._tail = {}
+            return True
+        try:
+            self._tail = await self._read_tail()
+        except KafkaUnavailable as exc:
+            log.warning("spool.tail_unavailable", error=str(exc), detail="retrying")
+            self.kafka_up = False
+            self._probe_wanted.set()
+            return False
+        log.info("spool.tail_read", symbols=len(self._tail), backlog=self._backlog_end)
+        return True
+
+    def _already_in_topic(self, entry: SpoolEntry) -> bool:
+        if entry.topic != self.trades_topic or not self._tail:
+            return False
+        t = _trade_of(entry)
+        if t is None or t.trade_id > self._tail.get(t.symbol, -1):
+            return False
+        self._m_skipped.inc()
+        return True
 
     def _send_unsent(self) -> None:
         unsent = self._unsent
@@ -425,32 +506,30 @@ class SpoolingProducer:
     async def _finish(self) -> None:
         sink = self.sink
         if not self.spooling:
-            remaining = await sink.flush()
+            await sink.flush()
+            # Whatever Kafka did not acknowledge is made durable for the next start.
+            left = [r for _, r in sorted([*sink.take_unacked(), *sink.take_returned()])]
         else:
-            remaining = len(self._outstanding)
-            if remaining:  # let the replayed records in flight land, then ack them
-                remaining = await sink.flush(min(2.0, sink.flush_timeout_s))
-        if remaining:
-            # Kafka did not take everything: what was not sent yet goes to the spool (replayed
-            # records given back are in it already: they stay unacked).
-            await sink.purge_queued()
-            await self._settle()
-        await self._ack_prefix()
-        returned = sink.take_returned()
-        if returned and not await self._append(returned):
-            log.error("spool.lost_at_shutdown", records=len(returned), reason="spool full")
+            if self._outstanding or self._awaiting:  # let what is in flight land, then ack it
+                await sink.flush(min(2.0, sink.flush_timeout_s))
+                sink.poll()
+                await self._ack_prefix()
+            # Shadows cover the originals still unresolved; only the rest needs appending.
+            left = [e for s, e in sink.take_returned() if s not in self._shadow_of]
+            left += [r for s, r in self._carry]
+        if left and not await self._append(left):
+            log.error("spool.lost_at_shutdown", records=len(left), reason="spool full")
         undelivered = sink.in_flight()
+        if self.spool.pending:
+            sink.abandon()
         summary = sink.stats.summary()
-        if undelivered:
-            log.error(
-                "kafka.flush_incomplete", undelivered=undelivered, timeout_s=sink.flush_timeout_s
-            )
         if self.spool.pending:
             log.warning(
                 "spool.retained",
                 pending=self.spool.pending,
                 size_bytes=self.spool.size_bytes,
                 dir=str(self.spool.dir),
+                kafka_in_flight=undelivered,
                 detail="Kafka did not take these before shutdown: replayed at the next start",
             )
         log.info(

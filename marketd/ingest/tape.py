@@ -3,13 +3,14 @@
 Receives decoded `Outgoing` records (with their identity), reconnect notices from the sources
 and backfill results; emits records in per-symbol id order with overlap duplicates dropped,
 backfill requests for the backfill task, and gap records for the gaps topic. Pure apart from the
-clock passed in; the decode task owns it. At drain, `flush()` releases every held record behind
-an unrepaired gap record, so nothing accepted is kept back.
+clock passed in; the decode task owns it. `seed_trades()` at start-up continues the tape a previous
+process published. At drain, `flush()` releases every held record behind an unrepaired gap record,
+so nothing accepted is kept back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -63,6 +64,14 @@ class TapeKeeper:
         )
         self.klines: KlineGate[Outgoing] = KlineGate(metrics=metrics)
         self.tickers = TickerDedup(metrics)
+
+    def seed_trades(self, last_ids: Mapping[str, int]) -> None:
+        """Per symbol, the last trade id published before this process started (from the spool
+        and/or the topic tail), before any trade arrives. See `TradeGate.seed`: a live trade
+        right after it is emitted as usual, a later one opens a "restart" gap that is backfilled
+        at once, and ids up to it are dropped as duplicates. Unseeded symbols start fresh."""
+        for symbol, last_id in last_ids.items():
+            self.trades.seed(symbol, last_id)
 
     def admit(self, chunk: Sequence[Outgoing], now: float) -> list[Outgoing]:
         """Decoded records in, records to publish out (same order unless a gate holds some)."""

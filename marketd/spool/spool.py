@@ -206,6 +206,11 @@ class Spool:
         return self._next_index - self._acked_index
 
     @property
+    def appended(self) -> int:
+        """The ordinal the next appended entry gets (`Position.ordinal` counts from 0 at open)."""
+        return self._next_index
+
+    @property
     def unread(self) -> int:
         """Entries not yet handed out by `read` since the last `rewind`."""
         return self._next_index - self._read_index

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -276,3 +277,150 @@ def test_flush_releases_everything_held_behind_gap_records() -> None:
     ]
     assert emitted(out) == [4, 5, 9]
     assert g.held() == 0
+
+
+# -- seeding at start-up ---------------------------------------------------------------------------
+
+
+def test_a_seeded_symbol_continues_with_the_next_id() -> None:
+    g = gate(gap_grace_s=30.0)
+    g.seed(S, 100)
+    out = live(g, 101, 102)
+    assert emitted(out) == [101, 102]
+    assert requests(out) == [] and gaps(out) == []
+
+
+def test_a_seeded_symbol_backfills_what_the_restart_missed_at_once() -> None:
+    g = gate(gap_grace_s=30.0)
+    g.seed(S, 100)
+    out = live(g, 105, 106)
+    assert emitted(out) == []
+    assert requests(out) == [RequestBackfill(S, 101, 104, "trades", "restart")]
+    assert g.held(S) == 2
+    out = backfill(g, 101, 102, 103, 104) + g.on_backfill_done(S, 101, 104)
+    assert [(a.record, a.backfill) for a in out if isinstance(a, Emit)] == [
+        (101, True),
+        (102, True),
+        (103, True),
+        (104, True),
+        (105, False),
+        (106, False),
+    ]
+    assert [(x.from_id, x.to_id, x.reason, x.repaired) for x in gaps(out)] == [
+        (101, 104, "restart", True)
+    ]
+    # Only the first jump after the seed is the restart's: later ones wait their grace.
+    assert requests(live(g, 109)) == []
+    assert requests(g.tick(30.0)) == [RequestBackfill(S, 107, 108, "trades", "id_jump")]
+
+
+def test_a_seeded_symbol_drops_the_ids_already_published() -> None:
+    metrics = MetricsFactory()
+    g = gate(metrics=metrics)
+    g.seed(S, 100)
+    assert live(g, 98, 99, 100) == []
+    assert emitted(live(g, 101)) == [101]
+    assert (
+        metrics.registry.get_sample_value(
+            "marketd_overlap_duplicates_total", {"kind": "trades", "source": "live"}
+        )
+        == 3
+    )
+
+
+def test_duplicates_after_the_seed_do_not_end_the_restart() -> None:
+    g = gate(gap_grace_s=30.0)
+    g.seed(S, 100)
+    live(g, 100)
+    assert requests(live(g, 103)) == [RequestBackfill(S, 101, 102, "trades", "restart")]
+
+
+def test_the_restart_gap_wins_over_a_reconnect_before_the_first_trade() -> None:
+    g = gate(gap_grace_s=30.0)
+    g.seed(S, 100)
+    g.on_reconnect()
+    assert requests(live(g, 103)) == [RequestBackfill(S, 101, 102, "trades", "restart")]
+
+
+def test_a_restart_gap_rest_cannot_fill_is_recorded_then_the_tape_goes_on() -> None:
+    g = gate()
+    g.seed(S, 100)
+    live(g, 105)
+    out = g.on_backfill_failed(S, 101, 104, "history_too_old")
+    assert [(x.from_id, x.to_id, x.reason, x.repaired) for x in gaps(out)] == [
+        (101, 104, "history_too_old", False)
+    ]
+    assert emitted(out) == [105]
+
+
+def test_a_restart_gap_open_at_shutdown_is_flushed_like_any_other() -> None:
+    g = gate()
+    g.seed(S, 100)
+    live(g, 103, 104)
+    out = g.flush()
+    assert [(x.from_id, x.to_id, x.reason) for x in gaps(out)] == [(101, 102, "shutdown")]
+    assert emitted(out) == [103, 104]
+
+
+def test_unseeded_symbols_start_fresh() -> None:
+    g = gate()
+    g.seed(S, 100)
+    assert emitted(g.on_live("ETHUSDT", 5_000, 5_000, now=0.0)) == [5_000]
+    assert g.last_id("ETHUSDT") == 5_000
+    assert g.last_id(S) == 100
+
+
+def test_seeding_again_before_the_first_trade_keeps_the_higher_id() -> None:
+    g = gate()
+    g.seed(S, 100)
+    g.seed(S, 90)
+    g.seed(S, 120)
+    assert g.last_id(S) == 120
+    assert emitted(live(g, 110, 121)) == [121]
+
+
+def test_a_symbol_can_only_be_seeded_before_its_first_trade() -> None:
+    g = gate()
+    live(g, 10)
+    with pytest.raises(ValueError, match="already has trades"):
+        g.seed(S, 100)
+    g.seed("ETHUSDT", 7)
+    g.on_live("ETHUSDT", 8, 8, now=0.0)
+    with pytest.raises(ValueError, match="already has trades"):
+        g.seed("ETHUSDT", 9)
+    with pytest.raises(ValueError, match=">= 0"):
+        g.seed("BNBUSDT", -1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 50),
+    ids=st.lists(st.integers(0, 120), max_size=80),
+    serve_every=st.integers(1, 10),
+)
+def test_a_seeded_tape_continues_exactly_after_the_seed(
+    seed: int, ids: list[int], serve_every: int
+) -> None:
+    # Live ids in any order, with repeats and ids the previous process already published.
+    g = gate(max_held=10_000)
+    g.seed(S, seed)
+    out: list[Any] = []
+    queue: list[RequestBackfill] = []
+
+    def serve() -> None:
+        while queue:
+            req = queue.pop(0)
+            out.extend(g.on_backfill(S, [(i, i, i) for i in range(req.from_id, req.to_id + 1)]))
+            out.extend(g.on_backfill_done(S, req.from_id, req.to_id))
+
+    for k, trade_id in enumerate(ids):
+        actions = g.on_live(S, trade_id, trade_id, now=0.0)
+        out.extend(actions)
+        queue += requests(actions)
+        if k % serve_every == 0:
+            serve()
+    serve()
+    top = max([seed, *ids])
+    assert emitted(out) == list(range(seed + 1, top + 1))
+    assert all(gap.repaired for gap in gaps(out))
+    assert g.held(S) == 0

@@ -8,6 +8,8 @@ MARKETD_TEST_KAFKA set they still do: a shared real broker cannot be paused from
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +23,7 @@ from marketd.config import SpoolConfig
 from marketd.ingest.decode import Outgoing
 from marketd.ingest.produce import KafkaSink, ProduceStats
 from marketd.ingest.spooling import SpoolingProducer
+from marketd.kafka.tail import trade_tail
 from marketd.metrics import MetricsFactory
 from marketd.spool import Spool, SpoolEntry
 from marketd.testing.kafka_cluster import KafkaClusterProcess
@@ -42,7 +45,8 @@ def topic() -> str:
 
 
 class Seq:
-    """Records numbered per key, so order, gaps and duplicates can be checked per key."""
+    """Trades numbered per key (the key is the symbol), so order, gaps and duplicates can be
+    checked per key; a spool left behind is de-duplicated against the topic by trade id."""
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
@@ -52,13 +56,23 @@ class Seq:
         out = []
         for i in range(n):
             key = KEYS[i % len(KEYS)]
-            out.append(Outgoing(self.topic, key.encode(), f"{key}:{self.next[key]}".encode(), 0))
+            value = json.dumps({"symbol": key, "trade_id": self.next[key]}).encode()
+            out.append(Outgoing(self.topic, key.encode(), value, 0))
             self.next[key] += 1
         return out
 
 
-def make_stage(cluster: KafkaClusterProcess, spool: Spool, **spool_cfg: object) -> SpoolingProducer:
+def make_stage(
+    cluster: KafkaClusterProcess, spool: Spool, topic: str, **spool_cfg: object
+) -> SpoolingProducer:
     metrics = MetricsFactory()
+    read = functools.partial(
+        trade_tail, {"bootstrap.servers": cluster.bootstrap_servers}, topic, timeout_s=10
+    )
+
+    async def read_tail() -> dict[str, int]:
+        return await trio.to_thread.run_sync(read)
+
     sink = KafkaSink(
         {
             "bootstrap.servers": cluster.bootstrap_servers,
@@ -71,7 +85,15 @@ def make_stage(cluster: KafkaClusterProcess, spool: Spool, **spool_cfg: object) 
         flush_timeout_s=5.0,
     )
     cfg = SpoolConfig(**{"outage_after_s": 1.0, "probe_interval_s": 0.2, **spool_cfg})  # type: ignore[arg-type]
-    return SpoolingProducer(sink, spool, cfg, replay_deadline_s=10.0, metrics=metrics)
+    return SpoolingProducer(
+        sink,
+        spool,
+        cfg,
+        trades_topic=topic,
+        read_tail=read_tail,
+        replay_deadline_s=10.0,
+        metrics=metrics,
+    )
 
 
 def open_spool(path: Path, max_bytes: int = 64 << 20) -> Spool:
@@ -99,8 +121,8 @@ def read_topic(cluster: KafkaClusterProcess, topic: str, expect: int) -> dict[st
             for msg in consumer.consume(1000, 0.2):
                 if msg.error():
                     continue
-                key, n = msg.value().decode().split(":")
-                seen[key].append(int(n))
+                trade = json.loads(msg.value())
+                seen[trade["symbol"]].append(trade["trade_id"])
                 got += 1
             if got >= expect:
                 settle = settle or time.monotonic() + 1.0
@@ -115,7 +137,9 @@ def assert_complete(seen: dict[str, list[int]], seq: Seq) -> None:
     for key in KEYS:
         got, want = seen[key], list(range(seq.next[key]))
         if got != want:
-            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+            first = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), len(want)
+            )
             raise AssertionError(
                 f"{key}: {len(got)} records, want 0..{len(want) - 1} in order; from index "
                 f"{first}: {got[max(0, first - 3) : first + 12]}"
@@ -140,7 +164,7 @@ async def test_outage_spools_and_replays_in_order(
 ) -> None:
     seq = Seq(topic)
     spool = open_spool(tmp_path / "spool")
-    stage = make_stage(cluster, spool)
+    stage = make_stage(cluster, spool, topic)
     batches_tx, batches_rx = trio.open_memory_channel[list[Outgoing]](8)
     done = trio.Event()
 
@@ -187,7 +211,7 @@ async def test_a_spool_left_behind_goes_out_before_new_records(
 
     spool = open_spool(tmp_path / "spool")
     assert spool.pending == 3000
-    stage = make_stage(cluster, spool)
+    stage = make_stage(cluster, spool, topic)
     batches_tx, batches_rx = trio.open_memory_channel[list[Outgoing]](8)
     with trio.fail_after(60):
         async with trio.open_nursery() as inner:
@@ -206,7 +230,7 @@ async def test_shutdown_during_an_outage_keeps_the_records_for_the_next_start(
 ) -> None:
     seq = Seq(topic)
     spool = open_spool(tmp_path / "spool")
-    stage = make_stage(cluster, spool)
+    stage = make_stage(cluster, spool, topic)
     batches_tx, batches_rx = trio.open_memory_channel[list[Outgoing]](8)
     with trio.fail_after(60):
         await batches_tx.send(seq.batch(100))
@@ -226,11 +250,11 @@ async def test_shutdown_during_an_outage_keeps_the_records_for_the_next_start(
         retained = spool.pending
         spool.close()
         assert retained > 0
-        cluster.resume()
+        cluster.resume()  # what the first producer had on the wire may be written now
 
         again = open_spool(tmp_path / "spool")
         assert again.pending == retained
-        second = make_stage(cluster, again)
+        second = make_stage(cluster, again, topic)
         tx2, rx2 = trio.open_memory_channel[list[Outgoing]](8)
         async with trio.open_nursery() as inner:
             await inner.start(second.run, rx2)
@@ -247,7 +271,7 @@ async def test_a_full_spool_stops_taking_batches(
 ) -> None:
     seq = Seq(topic)
     spool = open_spool(tmp_path / "spool", max_bytes=1 << 20)
-    stage = make_stage(cluster, spool)
+    stage = make_stage(cluster, spool, topic)
     batches_tx, batches_rx = trio.open_memory_channel[list[Outgoing]](2)
     big = 2000  # ~2 KB values: the 1 MiB spool holds ~500 of them
     nursery.start_soon(stage.run, batches_rx)
@@ -258,7 +282,7 @@ async def test_a_full_spool_stops_taking_batches(
             await wait_until(lambda: stage.spooling)
             blocked = False
             for _ in range(200):
-                batch = [o._replace(value=o.value + b":" + b"x" * big) for o in seq.batch(10)]
+                batch = [o._replace(value=o.value + b" " * big) for o in seq.batch(10)]
                 with trio.move_on_after(2) as scope:
                     await batches_tx.send(batch)
                 if scope.cancelled_caught:

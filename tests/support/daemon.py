@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,10 +22,10 @@ class Daemon:
     def __init__(self, env: Mapping[str, str], args: list[str] | None = None) -> None:
         # Each daemon gets its own Kafka-outage spool unless the test shares one on purpose
         # (a spool left in the working directory would replay into the next test's topics).
-        self._spool_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._own_spool: str | None = None
         if "SPOOL_DIR" not in env:
-            self._spool_dir = tempfile.TemporaryDirectory(prefix="marketd-spool-")
-            env = {**env, "SPOOL_DIR": self._spool_dir.name}
+            self._own_spool = tempfile.mkdtemp(prefix="marketd-spool-")
+            env = {**env, "SPOOL_DIR": self._own_spool}
         self.env = {**os.environ, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **env}
         self.args = [sys.executable, "-m", "marketd.cli", "run", *(args or [])]
         self.proc: trio.Process | None = None
@@ -49,6 +50,8 @@ class Daemon:
             await trio.sleep_forever()
         finally:
             self.kill()
+            if self._own_spool is not None:
+                shutil.rmtree(self._own_spool, ignore_errors=True)
 
     async def _collect(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
