@@ -22,6 +22,7 @@ import trio
 from psycopg.rows import dict_row
 from quart import Blueprint, Response, jsonify, request
 
+from marketd.api.views import BadSymbol, normalise_symbol
 from marketd.logs import Throttle, get_logger
 from marketd.runtime import Runtime
 
@@ -29,7 +30,6 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
-SYMBOL_RE: Final = re.compile(r"[A-Z0-9]{2,30}")
 AGG_INTERVALS: Final = ("1m", "5m", "15m")  # trade_aggregation's windows
 # Binance kline intervals (API-NOTES): the indicators job keeps the interval of each kline.
 KLINE_INTERVALS: Final = (
@@ -46,30 +46,35 @@ PG_STATEMENT_TIMEOUT_MS: Final = 5000
 
 
 class BadRequest(ValueError):
-    def __init__(self, error: str, detail: str) -> None:
+    def __init__(self, error: str, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.error = error
         self.detail = detail
+        self.extra = extra
 
 
 class Unavailable(Exception):
     pass
 
 
-def _error(status: int, error: str, detail: str = "") -> Response:
+def _error(status: int, error: str, detail: str = "", **extra: Any) -> Response:
     body: dict[str, Any] = {"error": error}
     if detail:
         body["detail"] = detail
+    body.update(extra)
     resp = jsonify(body)
     resp.status_code = status
     return resp
 
 
 def _symbol(raw: str) -> str:
-    symbol = raw.upper()
-    if SYMBOL_RE.fullmatch(symbol) is None:
-        raise BadRequest("invalid_symbol", "a symbol is 2 to 30 letters or digits")
-    return symbol
+    # The ticker API's rule (ASCII before upper-casing), its error body included.
+    try:
+        return normalise_symbol(raw)
+    except BadSymbol:
+        raise BadRequest(
+            "invalid_symbol", "a symbol is 2 to 30 letters or digits", symbol=raw[:64]
+        ) from None
 
 
 def _choice(name: str, raw: str | None, allowed: Sequence[str], default: str) -> str:
@@ -158,6 +163,12 @@ class _Stores:
         except psycopg.OperationalError as exc:
             self._warn("postgres", exc)
             raise Unavailable("PostgreSQL did not answer") from exc
+        except psycopg.errors.UndefinedTable as exc:
+            # No Spark job (nor spark/migrate.py) has run against this database yet.
+            self._warn("postgres", exc)
+            raise Unavailable(
+                "the analytics tables do not exist yet: run python spark/migrate.py --dsn ..."
+            ) from exc
 
     async def redis_call(self, fn: Callable[[redis.Redis], T]) -> T:
         client = self.redis
@@ -228,7 +239,7 @@ def create_blueprint(rt: Runtime) -> Blueprint:
 
     @bp.errorhandler(BadRequest)
     async def _bad(exc: BadRequest) -> Response:
-        return _error(400, exc.error, exc.detail)
+        return _error(400, exc.error, exc.detail, **exc.extra)
 
     @bp.errorhandler(Unavailable)
     async def _unavailable(exc: Unavailable) -> Response:
@@ -242,7 +253,7 @@ def create_blueprint(rt: Runtime) -> Blueprint:
         rows = await stores.sql(_KLINES_SQL, (name, interval, limit))
         bars = []
         for r in rows:
-            bar = {k: _text(v) for k, v in r.items() if k not in ("window_start", "window_end")}
+            bar = {k: _text(v) for k, v in r.items()}
             bars.append({"open_time": r["window_start"], "close_time": r["window_end"], **bar})
         return jsonify({"symbol": name, "interval": interval, "klines": bars})
 
@@ -354,6 +365,11 @@ OPENAPI_SCHEMAS: Final[dict[str, Any]] = {
                     "properties": {
                         "open_time": {"type": "integer", "description": "window start, epoch ms"},
                         "close_time": {"type": "integer", "description": "window end, epoch ms"},
+                        "window_start": {"type": "integer", "description": "= open_time"},
+                        "window_end": {
+                            "type": "integer",
+                            "description": "= close_time (exclusive end)",
+                        },
                         **dict.fromkeys(
                             (
                                 "open",

@@ -34,7 +34,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         help="default: $KAFKA_BOOTSTRAP_SERVERS",
     )
     p.add_argument("--sink", action="append", choices=SINKS, default=[], help="repeatable")
-    p.add_argument("--output", help="Parquet root: a local path or s3://bucket/prefix")
+    p.add_argument("--output", help="Parquet root: a local path or s3a://bucket/prefix")
     p.add_argument("--dsn", default=env.get("POSTGRES_DSN", ""), help="default: $POSTGRES_DSN")
     p.add_argument(
         "--redis-url",
@@ -59,7 +59,7 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Name
     if args.source == "files" and not args.input:
         p.error("--source files needs --input DIR")
     if "parquet" in args.sink and not args.output:
-        p.error("--sink parquet needs --output DIR (or s3://bucket/prefix)")
+        p.error("--sink parquet needs --output DIR (or s3a://bucket/prefix)")
     if "postgres" in args.sink and not args.dsn:
         p.error("--sink postgres needs --dsn (or POSTGRES_DSN)")
     if "redis" in args.sink and not args.redis_url:
@@ -68,6 +68,9 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Name
         p.error("--redis-url embedded names the daemon's private redis-server; give its URL")
     if args.trigger_seconds <= 0:
         p.error("--trigger-seconds must be > 0")
+    if "://" in args.checkpoint and not args.checkpoint.startswith("file://"):
+        # The driver's state lives next to Spark's checkpoint and is read with plain file I/O.
+        p.error("--checkpoint must be a local or mounted path, not a URI like s3a://")
     return args
 
 

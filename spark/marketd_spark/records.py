@@ -20,6 +20,10 @@ QTY = T.DecimalType(19, 8)
 QUOTE = T.DecimalType(38, 16)
 PRICE_RE = r"^[0-9]{1,10}(\.[0-9]{1,8})?$"
 QTY_RE = r"^[0-9]{1,11}(\.[0-9]{1,8})?$"
+# A kline's volumes are summed by the exchange over the whole bar: a SHIB hour or day trades
+# 10^11-10^13 units, beyond a single trade's 11 digits. Only the driver divides them (Decimal).
+KLINE_VOLUME_RE = r"^[0-9]{1,22}(\.[0-9]{1,8})?$"
+KLINE_QUOTE_RE = r"^[0-9]{1,22}(\.[0-9]{1,16})?$"
 SYMBOL_RE = r"^[A-Z0-9]{2,30}$"
 INTERVAL_RE = r"^[0-9]{1,3}[smhdwM]$"
 
@@ -130,7 +134,7 @@ def kline_ok() -> Column:
         & F.col("open_time").isNotNull()
         & F.col("is_closed").isNotNull()
         & _decimal_ok("close", PRICE_RE)
-        & _decimal_ok("volume", QTY_RE)
-        & F.coalesce(F.col("quote_volume").rlike(r"^[0-9]{1,22}(\.[0-9]{1,16})?$"), F.lit(False))
+        & _decimal_ok("volume", KLINE_VOLUME_RE)
+        & _decimal_ok("quote_volume", KLINE_QUOTE_RE)
     )
     return fields_ok & (F.col("close").cast(PRICE) > 0)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+
+KAFKA_PACKAGE = "org.apache.spark:spark-sql-kafka-0-10_2.13:<spark version>"
 
 
 class SourceError(Exception):
@@ -39,4 +42,13 @@ def read_values(spark: SparkSession, args: argparse.Namespace, topic: str) -> Da
     )
     if args.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(args.max_offsets_per_trigger))
-    return reader.load().select(F.col("value").cast("string").alias("value"))
+    try:
+        loaded = reader.load()
+    except AnalysisException as exc:
+        if "KAFKA_DATA_SOURCE_NOT_ENABLED" not in str(exc):
+            raise
+        raise SourceError(
+            f"the Kafka connector is not on Spark's classpath: run under spark-submit --packages "
+            f"{KAFKA_PACKAGE}, or use --source files"
+        ) from exc
+    return loaded.select(F.col("value").cast("string").alias("value"))

@@ -138,6 +138,7 @@ async def test_klines_newest_windows_oldest_first_exact_decimals(client: Any) ->
     assert [k["open_time"] for k in body["klines"]] == [T0 + M, T0 + 2 * M]
     k = body["klines"][0]
     assert k["close_time"] == T0 + 2 * M and k["close"] == "101.50000000"
+    assert (k["window_start"], k["window_end"]) == (T0 + M, T0 + 2 * M)  # the Parquet names too
     assert k["quote_volume"] == "312.3456780000000001" and k["trades_count"] == 7
     status, body = await _get(client, "/api/v1/market/BTCUSDT/klines?interval=5m")
     assert status == 200 and [k["close"] for k in body["klines"]] == ["99.00000000"]
@@ -188,11 +189,64 @@ async def test_anomalies_filters(client: Any) -> None:
         ("/api/v1/analytics/BTCUSDT/indicators?interval=7m", "invalid_interval"),
         ("/api/v1/analytics/anomalies?symbol=b-b", "invalid_symbol"),
         ("/api/v1/analytics/anomalies?since=-1", "invalid_since"),
+        # Non-ASCII that upper-cases to ASCII (U+0131 -> "I", "ß" -> "SS"): refused, as the ticker
+        # API refuses it.
+        ("/api/v1/market/btcusd%C4%B1/klines", "invalid_symbol"),
+        ("/api/v1/analytics/%C3%9F%C3%9FUSDT/indicators", "invalid_symbol"),
     ],
 )
 async def test_bad_input_is_a_json_400(client: Any, url: str, error: str) -> None:
     status, body = await _get(client, url)
     assert (status, body["error"]) == (400, error)
+    assert body["detail"]
+    if error == "invalid_symbol":
+        assert "symbol" in body  # echoed, like the ticker API's invalid_symbol
+
+
+async def test_database_without_the_tables_is_503(
+    postgres_server: Any,  # noqa: F811
+) -> None:
+    dsn = await trio.to_thread.run_sync(postgres_server.create_database)
+    app = QuartTrio(__name__)
+    app.register_blueprint(create_blueprint(_runtime(dsn, None)))
+    async with app.test_app() as test_app:
+        c = test_app.test_client()
+        for url in (
+            "/api/v1/market/BTCUSDT/klines",
+            "/api/v1/analytics/BTCUSDT/indicators",
+            "/api/v1/analytics/anomalies",
+        ):
+            status, body = await _get(c, url)
+            assert (status, body["error"]) == (503, "storage_unavailable"), url
+            assert "migrate" in body["detail"]
+
+
+def test_indicator_columns_are_typed_columns_in_postgres(postgres_dsn: str) -> None:  # noqa: F811
+    import psycopg
+    from marketd_spark.indicators import IndicatorSpec, Series
+    from marketd_spark.jobs import technical_indicators
+    from marketd_spark.sinks.postgres import migrate, upsert
+
+    migrate(postgres_dsn)
+    spec = IndicatorSpec()
+    series, rows = Series(spec), []
+    for i in range(40):
+        values = series.push(100.0 + (i * 7) % 5)
+        rows.append(
+            {"symbol": "BTCUSDT", "interval": "1m", "open_time": T0 + i * M,
+             "close": Decimal(100 + (i * 7) % 5), "vwap": None, **values}
+        )  # fmt: skip
+    with psycopg.connect(postgres_dsn) as conn:
+        upsert(conn, technical_indicators.table(spec), rows)
+        upsert(conn, technical_indicators.table(spec), rows[-5:])  # a replay
+        cols = ", ".join(spec.columns)
+        got = conn.execute(
+            f"SELECT open_time, {cols} FROM indicators ORDER BY open_time"
+        ).fetchall()
+    assert len(got) == 40
+    for row, want in zip(got, rows, strict=True):
+        assert row[0] == want["open_time"]
+        assert list(row[1:]) == [want[c] for c in spec.columns]  # exact floats, nulls as NULL
 
 
 async def test_no_dsn_or_unreachable_store_is_503() -> None:

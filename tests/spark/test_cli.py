@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,7 @@ FILES = [*BASE, "--input", "i"]
         ([*FILES, "--sink", "parquet"], "--output"),
         ([*FILES, "--sink", "postgres", "--dsn", ""], "--dsn"),
         ([*FILES, "--sink", "parquet", "--output", "o", "--intervals", "2x"], "--intervals"),
+        (["--checkpoint", "s3a://b/ck", *FILES[2:], "--sink", "parquet", "--output", "o"], "a URI"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(
@@ -97,3 +99,39 @@ def test_spark_submit_runs_technical_indicators_once(tmp_path: Path) -> None:
     last = max(rows, key=lambda r: r["open_time"])
     assert last["sma_7"] == pytest.approx(sum(3000 + i for i in range(23, 30)) / 7)
     assert last["sma_99"] is None and last["vwap"] == 3000
+
+
+def test_missing_input_directory_exits_2_before_starting_spark(tmp_path: Path) -> None:
+    pytest.importorskip("pyspark")
+    from marketd_spark.jobs import technical_indicators
+
+    argv = [
+        "--source", "files", "--input", str(tmp_path / "nope"), "--sink", "parquet",
+        "--output", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "c"), "--once",
+    ]  # fmt: skip
+    assert technical_indicators.main(argv) == 2
+    assert not (tmp_path / "c").exists()
+
+
+def test_indicator_periods_have_long_aliases() -> None:
+    pytest.importorskip("pyspark")
+    from marketd_spark.jobs import technical_indicators
+
+    args = technical_indicators.parse_args(
+        [*BASE, "--input", "i", "--sink", "parquet", "--output", "o",
+         "--sma-periods", "5,10", "--ema-periods", "3", "--rsi-period", "9"]
+    )  # fmt: skip
+    assert args.spec.columns[:4] == ("sma_5", "sma_10", "ema_3", "rsi_9")
+
+
+@pytest.mark.spark
+def test_kafka_source_without_the_connector_is_a_clean_error(spark: Any, tmp_path: Path) -> None:
+    from marketd_spark.jobs import trade_aggregation
+    from marketd_spark.sources import SourceError, read_values
+
+    args = trade_aggregation.parse_args(
+        ["--source", "kafka", "--sink", "parquet", "--output", str(tmp_path / "o"),
+         "--checkpoint", str(tmp_path / "c")]
+    )  # fmt: skip
+    with pytest.raises(SourceError, match="--packages"):
+        read_values(spark, args, "raw_trades")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests.spark.conftest import SPARK_DIR  # noqa: F401  (puts spark/ on sys.path)
 
-from marketd_spark.indicators import IndicatorSpec, Series  # isort: skip
+from marketd_spark.indicators import IndicatorSpec, Series, fma  # isort: skip
 
 FLOOR = 1e-12
 
@@ -81,3 +82,34 @@ def test_configured_periods_name_the_columns() -> None:
     assert spec.columns[:4] == ("sma_5", "sma_10", "ema_3", "rsi_9")
     with pytest.raises(ValueError, match="MACD periods"):
         IndicatorSpec(macd=(26, 12, 9))
+
+
+def test_configured_periods_equal_talib_where_macd_nears_zero() -> None:
+    # EMA(35) steps rounded twice (multiply, then add) drift one ulp from TA-Lib's FMA build on
+    # many bars; MACD(12,35,9) turned that into a 2.6e-9 relative error at bar 66 of this series.
+    rnd = random.Random(6)
+    closes, price = [], 42_000.0
+    for _ in range(170):
+        if rnd.random() < 0.8:
+            price *= 1 + rnd.gauss(0, 0.004)
+        closes.append(round(price, 2))
+    spec = IndicatorSpec(sma=(3,), ema=(35, 99), rsi=6, macd=(12, 35, 9), bb_period=10)
+    s = Series(spec)
+    got = [s.push(x) for x in closes]
+    c = np.array(closes, dtype=float)
+    ref = {"ema_35": talib.EMA(c, 35), "ema_99": talib.EMA(c, 99)}
+    ref["macd"], ref["macd_signal"], ref["macd_hist"] = talib.MACD(c, 12, 35, 9)
+    for col, values in ref.items():
+        for i, want in enumerate(values):
+            have = got[i][col]
+            if math.isnan(want):
+                assert have is None, (col, i)
+            else:
+                assert have is not None, (col, i)
+                assert abs(have - want) / max(abs(want), FLOOR) <= 1e-9, (col, i, have, want)
+
+
+def test_fma_rounds_once() -> None:
+    # 0.1 * 10 is exactly 1 + 2^-54 before rounding: a separate multiply rounds it away.
+    assert fma(0.1, 10.0, -1.0) == 2.0**-54
+    assert (0.1 * 10.0) - 1.0 == 0.0

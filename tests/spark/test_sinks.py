@@ -124,3 +124,39 @@ def test_postgres_upsert_replay_does_not_duplicate(postgres_dsn: str) -> None:
             "SELECT window_start, close FROM trade_aggregates ORDER BY window_start"
         ).fetchall()
     assert got == [(T0, Decimal("1.75")), (T0 + M, Decimal("1.8"))]
+
+
+def test_s3a_root_with_credentials_and_endpoint_from_env(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+    from marketd_spark.jobs.trade_aggregation import TABLE
+    from marketd_spark.sinks.parquet import ParquetSink
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "minio",
+        "AWS_SECRET_ACCESS_KEY": "minio-secret",
+        "AWS_SESSION_TOKEN": "token",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,  # the service-specific variable of the AWS SDKs
+    }.items():
+        monkeypatch.setenv(k, v)
+    fs = pafs.S3FileSystem(
+        access_key="minio", secret_key="minio-secret", session_token="token",
+        endpoint_override=s3_endpoint.removeprefix("http://"),
+        scheme="http", region="eu-west-1", allow_bucket_creation=True,
+    )  # fmt: skip
+    fs.create_dir("lake")
+    ParquetSink("s3a://lake/cold/aggregates/", TABLE).write(1, _rows())
+    table = ds.dataset("lake/cold/aggregates", filesystem=fs, partitioning="hive").to_table()
+    assert sorted(r["window_start"] for r in table.to_pylist()) == [T0, T0 + M]
+
+
+def test_file_uri_root_is_the_local_path(tmp_path: Any) -> None:
+    from marketd_spark.jobs.trade_aggregation import TABLE
+    from marketd_spark.sinks.parquet import ParquetSink
+
+    ParquetSink(f"file://{tmp_path}/out", TABLE).write(2, _rows()[:1])
+    assert (tmp_path / "out/date=2025-12-31/symbol=BTCUSDT/part-000000000002.parquet").is_file()

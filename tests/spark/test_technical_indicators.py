@@ -125,3 +125,20 @@ def test_indicators_match_talib_across_batches_and_restart(
     ref = _reference([float(b["close"]) for b in series["BTCUSDT"]])
     assert values is not None
     assert values[0]["macd_signal"] == pytest.approx(ref["macd_signal"][-1], rel=1e-9)
+
+
+def test_bar_volumes_beyond_a_trades_digits_are_accepted(spark: Any) -> None:
+    # A SHIB day trades ~10^13 units: a valid closed kline, not a rejected one.
+    import json
+    from decimal import Decimal
+
+    from marketd_spark.jobs.technical_indicators import closed_klines, kline_vwap
+
+    big = kline("SHIBUSDT", "1d", T0, "0.00001234", "12345678901234.5", "152345678.12345678", True)
+    dust = kline("SHIBUSDT", "1d", T0 + 86_400_000, "0.00001234", "0.00000001", "1" * 22, True)
+    batch = spark.createDataFrame([(json.dumps(big),), (json.dumps(dust),)], ["value"])
+    rows = closed_klines(batch).collect()
+    assert sorted((r["ok"], r["open_time"]) for r in rows) == [(True, T0), (True, T0 + 86_400_000)]
+    vwap = kline_vwap(Decimal(big["quote_volume"]), Decimal(big["volume"]))
+    assert vwap == Decimal("0.0000123400000391")
+    assert kline_vwap(Decimal(dust["quote_volume"]), Decimal("0.00000001")) is None

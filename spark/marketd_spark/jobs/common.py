@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 
 from marketd_spark.logs import event, get_logger, setup
@@ -15,6 +18,7 @@ from marketd_spark.sinks import Row, Sink, Table
 from marketd_spark.sinks.parquet import ParquetSink
 from marketd_spark.sinks.postgres import PostgresSink
 from marketd_spark.sinks.redis import Latest, RedisSink
+from marketd_spark.sources import SourceError
 
 log = get_logger(__name__)
 
@@ -51,10 +55,26 @@ def run_main(
     args: argparse.Namespace,
     build: Callable[[SparkSession, argparse.Namespace], tuple[DataFrame, Processor]],
 ) -> int:
-    """Session, source, processor, query: the body of every submit script."""
+    """Session, source, processor, query: the body of every submit script.
+
+    Exit status: 0 after --once or a clean stop, 1 when the source cannot be opened or the query
+    failed, 2 for a files source whose local --input directory does not exist."""
     setup(args.log_level)
+    local_input = args.input.removeprefix("file://") if args.input else ""
+    if args.source == "files" and "://" not in local_input and not os.path.isdir(local_input):
+        # Spark would fail only after starting the JVM, with a stack trace.
+        event(log, "job.bad_arguments", level=logging.ERROR, job=app_name,
+              error=f"--input {args.input}: no such directory")  # fmt: skip
+        return 2
     spark = get_session(app_name, args.master)
-    values, processor = build(spark, args)
+    try:
+        values, processor = build(spark, args)
+    except (SourceError, AnalysisException) as exc:
+        # Typically the Kafka connector missing from the classpath (spark-submit --packages).
+        event(log, "job.failed", level=logging.ERROR, job=app_name, source=args.source,
+              error=str(exc).splitlines()[0][:500])  # fmt: skip
+        spark.stop()
+        return 1
     event(log, "job.start", job=app_name, source=args.source, sinks=",".join(args.sink))
     query = start(spark, args, values, processor)
     code = wait(query, processor)

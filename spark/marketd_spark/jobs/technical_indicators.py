@@ -49,9 +49,13 @@ def _periods(text: str) -> tuple[int, ...]:
 
 def parser() -> argparse.ArgumentParser:
     p = cli.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--sma", type=_periods, default=(7, 25, 99), help="SMA periods (7,25,99)")
-    p.add_argument("--ema", type=_periods, default=(7, 25, 99), help="EMA periods (7,25,99)")
-    p.add_argument("--rsi", type=int, default=14)
+    p.add_argument(
+        "--sma", "--sma-periods", type=_periods, default=(7, 25, 99), help="SMA periods (7,25,99)"
+    )
+    p.add_argument(
+        "--ema", "--ema-periods", type=_periods, default=(7, 25, 99), help="EMA periods (7,25,99)"
+    )
+    p.add_argument("--rsi", "--rsi-period", type=int, default=14)
     p.add_argument("--macd", type=_periods, default=(12, 26, 9), help="fast,slow,signal")
     p.add_argument("--bb-period", type=int, default=20)
     p.add_argument("--bb-nbdev", type=float, default=2.0)
@@ -105,10 +109,18 @@ def table(spec: IndicatorSpec) -> Table:
     )
 
 
+VWAP_LIMIT = Decimal(10) ** 22  # decimal(38,16) holds 22 integer digits
+
+
 def kline_vwap(quote_volume: Decimal, volume: Decimal) -> Decimal | None:
     if volume == 0:
         return None
-    return CTX.divide(quote_volume, volume).quantize(VWAP_QUANTUM, rounding=ROUND_HALF_EVEN)
+    vwap = CTX.divide(quote_volume, volume)
+    if vwap >= VWAP_LIMIT:
+        # Only a corrupt bar (a huge quote volume over a dust volume) gets here; its vwap is no
+        # price and must not fail the batch's Parquet write.
+        return None
+    return vwap.quantize(VWAP_QUANTUM, rounding=ROUND_HALF_EVEN, context=CTX)
 
 
 def closed_klines(batch: DataFrame) -> DataFrame:

@@ -2,8 +2,9 @@
 
 Layout: <root>/date=YYYY-MM-DD/symbol=SYM/part-<batch id>.parquet (Hive style; the partition
 columns live in the path, as Spark and pyarrow datasets expect). A replayed batch overwrites its own
-files. <root> is a local path or s3://bucket/prefix (MinIO and other S3-compatible stores through
-AWS_ENDPOINT_URL, credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION).
+files. <root> is a local path or s3a:// (or s3://) bucket/prefix: MinIO and other S3-compatible
+stores through AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, credentials from AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), region AWS_REGION or AWS_DEFAULT_REGION.
 Written with pyarrow from the driver, so no Hadoop s3a jars are needed.
 """
 
@@ -25,18 +26,30 @@ PARTITIONS = ("date", "symbol")
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     parts = urlsplit(root)
     if parts.scheme in ("s3", "s3a"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+        env = os.environ
+        endpoint = (
+            env.get("AWS_ENDPOINT_URL_S3")
+            or env.get("AWS_ENDPOINT_URL")
+            or env.get("S3_ENDPOINT_URL")
+        )
         kwargs: dict[str, object] = {
-            "region": os.environ.get("AWS_REGION", "us-east-1"),
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         }
-        if os.environ.get("AWS_ACCESS_KEY_ID"):
-            kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-            kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if env.get("AWS_ACCESS_KEY_ID"):
+            kwargs["access_key"] = env["AWS_ACCESS_KEY_ID"]
+            kwargs["secret_key"] = env.get("AWS_SECRET_ACCESS_KEY", "")
+            if env.get("AWS_SESSION_TOKEN"):
+                kwargs["session_token"] = env["AWS_SESSION_TOKEN"]
         if endpoint:
             ep = urlsplit(endpoint)
             kwargs["endpoint_override"] = ep.netloc or ep.path
             kwargs["scheme"] = ep.scheme or "https"
         return pafs.S3FileSystem(**kwargs), f"{parts.netloc}{parts.path}".rstrip("/")
+    if parts.scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(parts.path)
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)  # hdfs://, gs://, ... as pyarrow knows them
+        return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(root)
 
 
