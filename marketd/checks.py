@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,12 @@ KEY_PREFIX = "ticker:"  # SPEC §3
 
 
 def add_health_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="PATH", help="marketd.toml (API host/port)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=os.environ.get("MARKETD_CONFIG") or None,
+        help="marketd.toml (API host/port) (default: $MARKETD_CONFIG)",
+    )
     parser.add_argument(
         "--url",
         metavar="URL",
@@ -216,7 +222,12 @@ def probe_kafka(cfg: Config, timeout_s: float) -> dict[str, Any]:
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="PATH", help="marketd.toml (Redis, Kafka, symbols)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=os.environ.get("MARKETD_CONFIG") or None,
+        help="marketd.toml (Redis, Kafka, symbols) (default: $MARKETD_CONFIG)",
+    )
     parser.add_argument(
         "--max-stale",
         type=float,

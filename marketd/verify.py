@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import os
 import sys
 import time
 import uuid
@@ -279,7 +280,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SYMBOL",
         help="only these symbols (repeatable; default: all)",
     )
-    parser.add_argument("--config", metavar="PATH", help="marketd.toml, as for `marketd run`")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=os.environ.get("MARKETD_CONFIG") or None,
+        help="marketd.toml, as for `marketd run` (default: $MARKETD_CONFIG)",
+    )
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
     parser.add_argument(

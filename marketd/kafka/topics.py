@@ -10,6 +10,7 @@ with kafka-topics.sh. The librdkafka mock cluster has no CreateTopics: topics au
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import attrs
@@ -76,7 +77,12 @@ def _retention(hours: float) -> dict[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="PATH", help="marketd.toml (brokers, topic names)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=os.environ.get("MARKETD_CONFIG") or None,
+        help="marketd.toml (brokers, topic names) (default: $MARKETD_CONFIG)",
+    )
     parser.add_argument(
         "--partitions",
         type=int,

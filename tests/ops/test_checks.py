@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import redis
@@ -331,3 +332,22 @@ def test_embedded_cluster_address_reports_ok(
         code, report = _run_json(capsys)
     assert code == 0
     assert report["kafka"]["status"] == "ok"  # type: ignore[index]
+
+
+def test_health_reads_marketd_config_like_run(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    toml = tmp_path / "marketd.toml"
+    toml.write_text("[api]\nport = 18123\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "marketd.cli", "health", "--timeout", "0.5"],
+        env={**os.environ, "MARKETD_CONFIG": str(toml)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "127.0.0.1:18123/readyz" in result.stdout + result.stderr
