@@ -30,13 +30,14 @@ LABEL org.opencontainers.image.title="marketd" \
 RUN groupadd --system --gid 10001 marketd \
     && useradd --system --uid 10001 --gid marketd --no-create-home \
        --home-dir /var/lib/marketd --shell /usr/sbin/nologin marketd \
-    && install -d -o marketd -g marketd -m 0750 /var/lib/marketd
+    && install -d -o marketd -g marketd -m 0750 /var/lib/marketd /var/lib/marketd/spool
 COPY --from=build /opt/marketd /opt/marketd
 COPY deploy/docker/marketd.toml /etc/marketd/marketd.toml
 ENV PATH=/opt/marketd/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# The working directory holds the Kafka-outage spool (spool.dir) and an optional .env.
+# The working directory holds the Kafka-outage spool (spool.dir) and an optional .env; mount a
+# volume on /var/lib/marketd/spool so spooled records survive a container replacement.
 WORKDIR /var/lib/marketd
 USER 10001:10001
 EXPOSE 8000
