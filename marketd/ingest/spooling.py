@@ -135,6 +135,7 @@ class SpoolingProducer:
         self._given_back: set[int] = set()  # replayed, timed out: sent again after a rewind
         self._backlog_end = spool.appended if spool.pending else 0  # ordinals of a past run
         self._tail: dict[str, int] | None = None
+        self._backlog_counted = 0  # backlog ordinals below this were counted as accepted
         self._sent_in_outage = 0
         m = metrics or MetricsFactory()
         self._m_outages = m.counter(
@@ -443,9 +444,13 @@ class SpoolingProducer:
         room = self.replay_window - len(outstanding)
         if room > 0 and self.spool.unread:
             got = await sink.run_blocking(functools.partial(self.spool.read, max_entries=room))
+            accepted = sink.stats.accepted
             for pos, entry in got:
                 outstanding.append(pos)
                 o = pos.ordinal
+                if self._backlog_counted <= o < self._backlog_end:
+                    accepted.inc(entry.topic)  # taken over from the spool of an earlier run
+                    self._backlog_counted = o + 1
                 if o in self._done:
                     continue
                 if o in self._awaiting:
