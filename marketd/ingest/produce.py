@@ -261,7 +261,9 @@ class KafkaSink:
                     # Local queue full: Kafka is slower than we read. Wait for room; the bounded
                     # channels upstream then slow the reader (backpressure, not a drop).
                     self._seq = seq
-                    if not await self._wait_for_room(give_up):
+                    with trio.CancelScope(shield=True):  # never leave a batch half-produced
+                        room = await self._wait_for_room(give_up)
+                    if not room:
                         self._in_flight.set()
                         return batch[i:]
             if unacked is not None:

@@ -177,24 +177,41 @@ class SpoolingProducer:
         await self._finish()
 
     async def _run_live(self, batches_rx: trio.MemoryReceiveChannel[Batch]) -> bool:
-        """Produce batches until the input ends (True) or Kafka stops taking them (False)."""
+        """Produce batches until the input ends (True) or Kafka stops taking them (False).
+
+        The outage signals are watched by a sibling task every LIVE_CHECK_S, which cancels the
+        receive; the batch loop itself stays as lean as `run_producer`'s (a timed receive per
+        batch measured +20 % CPU at 10k msgs/s, where batches are a few records).
+        `produce_batch` is safe to cancel: only its last checkpoint is cancellable, after every
+        record of the batch was handed over.
+        """
         sink = self.sink
-        while True:
-            batch: Batch | None = None
-            with trio.move_on_after(LIVE_CHECK_S):
-                try:
-                    batch = await batches_rx.receive()
-                except trio.EndOfChannel:
-                    return True
-            rest: Batch = []
-            if batch is not None:
+        found: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_live, nursery.cancel_scope, found)
+            async for batch in batches_rx:
                 rest = await sink.produce_batch(batch, self._outage_reason)
-            reason = self._outage_reason() or ("queue_full" if rest else None)
-            if reason is None and sink.returned:
-                reason = "gave_up"  # librdkafka gave up on some (message.timeout.ms)
+                if rest or sink.returned:
+                    # Queue full past the outage bound, or librdkafka gave up on some records
+                    # (message.timeout.ms).
+                    found.append(self._outage_reason() or ("queue_full" if rest else "gave_up"))
+                    self._enter_outage(found[0], rest)
+                    nursery.cancel_scope.cancel()
+                    return False
+            nursery.cancel_scope.cancel()
+            return True
+        # The watcher found an outage and cancelled the receive.
+        self._enter_outage(found[0], [])
+        return False
+
+    async def _watch_live(self, scope: trio.CancelScope, found: list[str]) -> None:
+        while True:
+            await trio.sleep(LIVE_CHECK_S)
+            reason = self._outage_reason()
             if reason is not None:
-                self._enter_outage(reason, rest)
-                return False
+                found.append(reason)
+                scope.cancel()
+                return
 
     async def _run_spooling(self, batches_rx: trio.MemoryReceiveChannel[Batch]) -> bool:
         """Spool batches and replay the spool until it is empty (False: go live) or the input
