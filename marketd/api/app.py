@@ -230,7 +230,7 @@ def create_app(rt: Runtime, *, reader: TickerReader | None = None) -> QuartTrio:
         )
         return _json(body, status)
 
-    @app.get("/api/v1/ticker/<symbol>")
+    @app.get("/api/v1/ticker/<path:symbol>")  # path: "BTC/USDT" is a malformed symbol, a 400
     async def ticker(symbol: str) -> Response:
         try:
             name = normalise_symbol(symbol)

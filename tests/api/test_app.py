@@ -69,7 +69,8 @@ async def test_ticker_returns_spec_json(client: Any, store: TickerStore) -> None
     ["/api/v1/ticker/B", "/api/v1/ticker/BTC-USDT", "/api/v1/ticker/" + "A" * 31,
      "/api/v1/ticker/BTC%2A", "/api/v1/ticker/ticker:BTCUSDT",
      # Non-ASCII that str.upper() turns into ASCII: U+0131 -> I (LINKUSDT), "ß" -> SS, U+FB00 -> FF.
-     "/api/v1/ticker/l%C4%B1nkusdt", "/api/v1/ticker/%C3%9F%C3%9F", "/api/v1/ticker/%EF%AC%80"],
+     "/api/v1/ticker/l%C4%B1nkusdt", "/api/v1/ticker/%C3%9F%C3%9F", "/api/v1/ticker/%EF%AC%80",
+     "/api/v1/ticker/BTC/USDT", "/api/v1/ticker/BTC%2FUSDT"],
 )  # fmt: skip
 async def test_malformed_symbol_is_400_before_redis(client: Any, path: str) -> None:
     status, body, _ = await get(client, path)
