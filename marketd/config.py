@@ -514,6 +514,12 @@ class SpoolConfig:
 @attrs.frozen
 class BackfillConfig:
     enabled: bool = setting(True, env="BACKFILL_ENABLED", help="repair trade/kline gaps over REST")
+    resume_from_topic: bool = setting(
+        True,
+        env="BACKFILL_RESUME_FROM_TOPIC",
+        help="at start, continue each symbol's tape from the trades topic's last id "
+        "(what marketd missed while down is backfilled); not with the embedded Kafka",
+    )
     weight_budget_per_min: int = setting(
         4800,
         check=_at_least(1),

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from marketd.errors import KafkaUnavailable
 from marketd.ingest.backfill import BackfillResult, run_backfill
 from marketd.ingest.batch import Batch, BatchPolicy, run_batcher
 from marketd.ingest.decode import Decoder, Frame, Outgoing, Topics
@@ -42,6 +43,9 @@ DECODE_CHUNK = 4096
 # and falls behind at 10k/s (a frame handled alone costs every stage a wake-up and the scheduler
 # an epoll round: ~110 us of CPU per frame instead of ~33 us).
 COALESCE_WHEN_BACKLOG = 2
+# Reading the trades topic's tail at start-up (to continue the tape) may take this long; past it
+# marketd starts without (Kafka down at start: the spool catches what cannot be delivered).
+TAIL_READ_TIMEOUT_S = 5.0
 
 
 Inbound = Frame | Reconnected | BackfillResult
@@ -206,19 +210,45 @@ def _buffered(channel: trio.MemorySendChannel[Any]) -> int:
     return channel.statistics().current_buffer_used
 
 
-async def _read_trade_tail(rt: Runtime) -> dict[str, int]:
+async def _read_trade_tail(rt: Runtime, timeout_s: float = 15.0) -> dict[str, int]:
     settings = consumer_settings(rt.config.kafka, rt.kafka_bootstrap, "marketd-tail")
     return await trio.to_thread.run_sync(
-        functools.partial(trade_tail, settings, rt.config.topics.raw_trades),
+        functools.partial(trade_tail, settings, rt.config.topics.raw_trades, timeout_s=timeout_s),
         abandon_on_cancel=True,
     )
+
+
+async def _published_trade_ids(rt: Runtime, spool: Spool | None) -> dict[str, int]:
+    """Per symbol the last trade id already published: the topic's tail and the spool's."""
+    cfg = rt.config
+    last: dict[str, int] = {}
+    if cfg.backfill.enabled and cfg.backfill.resume_from_topic and not _embedded(rt):
+        try:
+            with trio.fail_after(TAIL_READ_TIMEOUT_S + 1):
+                last = await _read_trade_tail(rt, timeout_s=TAIL_READ_TIMEOUT_S)
+        except (KafkaUnavailable, trio.TooSlowError) as exc:
+            log.warning(
+                "ingest.tape_tail_unavailable",
+                topic=cfg.topics.raw_trades,
+                error=str(exc) or type(exc).__name__,
+                detail="starting each symbol's tape afresh: trades missed while down stay a gap",
+            )
+    if spool is not None and spool.pending:
+        spooled = await trio.to_thread.run_sync(spool_trade_tail, spool, cfg.topics.raw_trades)
+        for symbol, trade_id in spooled.items():
+            last[symbol] = max(trade_id, last.get(symbol, -1))
+    return last
+
+
+def _embedded(rt: Runtime) -> bool:
+    return rt.config.kafka.bootstrap_servers.strip().lower() == EMBEDDED
 
 
 async def _open_spool(rt: Runtime) -> Spool | None:
     """The Kafka-outage spool, recovered from disk; None when disabled or Kafka is embedded (the
     in-process mock cluster lives and dies with us: there is no outage to outlast)."""
     cfg = rt.config
-    if not cfg.spool.enabled or cfg.kafka.bootstrap_servers.strip().lower() == EMBEDDED:
+    if not cfg.spool.enabled or _embedded(rt):
         return None
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes, metrics=rt.metrics)
     await trio.to_thread.run_sync(spool.open)
@@ -277,12 +307,13 @@ async def _run_ingest(
         max_held=cfg.backfill.max_held_per_symbol,
         metrics=rt.metrics,
     )
-    if spool is not None and spool.pending:
-        # Trades spooled by an earlier run are published before anything new: the gate starts
-        # from their last ids, so what was missed while marketd was down is backfilled.
-        last_ids = await trio.to_thread.run_sync(spool_trade_tail, spool, cfg.topics.raw_trades)
-        keeper.seed_trades(last_ids)
-        log.info("ingest.seeded_from_spool", symbols=len(last_ids))
+    seeds = await _published_trade_ids(rt, spool)
+    if seeds:
+        # The gate continues each symbol's tape from the last id published before this process
+        # (the topic's tail, or the spool of a crashed run, which goes out first): what the
+        # exchange traded while marketd was down is backfilled as a "restart" gap.
+        keeper.seed_trades(seeds)
+        log.info("ingest.resumed_tape", symbols=len(seeds))
     chunks_tx, chunks_rx = trio.open_memory_channel[list[Outgoing]](cfg.ingest.record_buffer)
     batches_tx, batches_rx = trio.open_memory_channel[Batch](cfg.ingest.batch_buffer)
     policy = BatchPolicy(

@@ -424,3 +424,14 @@ def test_a_seeded_tape_continues_exactly_after_the_seed(
     assert emitted(out) == list(range(seed + 1, top + 1))
     assert all(gap.repaired for gap in gaps(out))
     assert g.held(S) == 0
+
+
+def test_a_live_tape_far_below_the_seed_is_a_new_tape_not_duplicates() -> None:
+    # A test exchange restarted with another seed, a topic re-used across environments: Binance
+    # never re-sends trades that old on a live connection.
+    metrics = MetricsFactory()
+    g = gate(metrics=metrics)
+    g.seed(S, 5_000_000)
+    assert emitted(live(g, 1_000, 1_001, 1_002)) == [1_000, 1_001, 1_002]
+    assert requests(live(g, 1_003)) == []
+    assert metrics.registry.get_sample_value("marketd_tape_resets_total", {"kind": "trades"}) == 1

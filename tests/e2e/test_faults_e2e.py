@@ -247,6 +247,35 @@ async def test_skipped_ids_are_backfilled_to_the_ledger(kafka: TestKafka, tmp_pa
     assert backfilled(report) >= skipped
 
 
+# -- restarts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+async def test_a_restart_continues_the_tape_from_the_topic(
+    kafka: TestKafka, tmp_path: Path, stop: str
+) -> None:
+    # The exchange keeps trading while no marketd runs; the next one continues each symbol's
+    # tape from the topic's last id and backfills the downtime (and, after a kill -9 with Kafka
+    # healthy, whatever librdkafka still held in memory).
+    with trio.fail_after(150):
+        async with rig(kafka.bootstrap_servers, tmp_path, "--rate", "1000") as r:
+            first = await r.start_daemon()
+            await r.trades_flow(2000)
+            if stop == "sigterm":
+                assert await first.stop() == 0, first.tail()
+            else:
+                first.signal(signal.SIGKILL)
+                assert first.proc is not None
+                assert await first.proc.wait() == -signal.SIGKILL
+            await trio.sleep(2)  # downtime: the exchange trades on (the passive subscriber)
+            second = await r.start_daemon()
+            await r.trades_flow(2000)
+            report = await r.finish(second)
+    assert second.find("ingest.resumed_tape")
+    assert backfilled(report) > 0
+    assert all(s["out_of_order"] == 0 for s in report["symbols"].values()), report
+
+
 # -- Kafka faults (need the spool) ------------------------------------------------------------
 
 
