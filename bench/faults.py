@@ -40,20 +40,10 @@ import trio
 import trio_websocket
 
 from marketd.testing.kafka_cluster import KafkaClusterProcess
+from marketd.testing.samples import BENCH_SYMBOLS
 from marketd.verify import TapeEntry, TapeReport, analyze
 
-SYMBOLS = [
-    "btcusdt",
-    "ethusdt",
-    "bnbusdt",
-    "solusdt",
-    "xrpusdt",
-    "adausdt",
-    "dogeusdt",
-    "avaxusdt",
-    "dotusdt",
-    "linkusdt",
-]
+SYMBOLS = list(BENCH_SYMBOLS)
 POLL_S = 0.1
 LEDGER_STILL_S = 1.5  # longer than the reconnect delay: a pending reconnect shows up in it
 

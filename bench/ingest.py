@@ -30,19 +30,9 @@ import trio
 import trio_websocket
 
 from marketd.kafka.client import EmbeddedCluster
+from marketd.testing.samples import BENCH_SYMBOLS
 
-SYMBOLS = [
-    "btcusdt",
-    "ethusdt",
-    "bnbusdt",
-    "solusdt",
-    "xrpusdt",
-    "adausdt",
-    "dogeusdt",
-    "avaxusdt",
-    "dotusdt",
-    "linkusdt",
-]
+SYMBOLS = list(BENCH_SYMBOLS)
 STREAMS = [f"{s}@trade" for s in SYMBOLS]
 
 

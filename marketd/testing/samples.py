@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from marketd.records import SCHEMA_VERSION, SOURCE, TickerRecord
 
+# Ten liquid symbols of SPEC §1 (MATICUSDT, which never trades, left out): the benches' tape.
+BENCH_SYMBOLS = (
+    "btcusdt",
+    "ethusdt",
+    "bnbusdt",
+    "solusdt",
+    "xrpusdt",
+    "adausdt",
+    "dogeusdt",
+    "avaxusdt",
+    "dotusdt",
+    "linkusdt",
+)
+
 
 def ticker_record(symbol: str, event_time: int, trades_count: int = 18051) -> TickerRecord:
     """A raw_tickers record for `symbol` whose 24 h window ends at `event_time` (ms)."""
