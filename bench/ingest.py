@@ -16,11 +16,13 @@ import itertools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from typing import Any
 
@@ -112,15 +114,47 @@ class TapeReader(threading.Thread):
         self.consumer.close()
 
 
+def latency_buckets(api_port: int) -> dict[float, float]:
+    """marketd's receipt -> ack histogram (cumulative counts by upper bound) from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[float, float] = {}
+    for m in re.finditer(
+        r'^marketd_kafka_delivery_latency_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M
+    ):
+        out[float(m.group(1))] = float(m.group(2))
+    return out
+
+
+def window_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Upper bound of the bucket holding quantile q of what was observed between two scrapes:
+    the steady state, without the connection set-up of the first second."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]  # cumulative
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    rank = q * counts[-1]
+    return next(b for b, c in zip(bounds, counts, strict=True) if c >= rank)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
     # The mock cluster lives in this process, so the tape can be read to its end after marketd
     # exits; marketd reaches it over loopback like any broker.
     cluster = EmbeddedCluster()
     topic = f"raw_trades_{time.time_ns()}"
+    api_port = free_port()  # the API only serves /metrics here (steady-state latency)
     env = {
         **os.environ,
         "LOG_FORMAT": "json",
-        "MARKETD_COMPONENTS": "ingest",
+        "MARKETD_COMPONENTS": "ingest,api",
+        "API_PORT": str(api_port),
         "KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap_servers,
         "BINANCE_WS_URL": ws_url,
         "BINANCE_REST_URL": ws_url.replace("ws://", "http://").removesuffix("/stream"),
@@ -149,6 +183,7 @@ def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[
     peak_rss = 0
     rss_samples: list[tuple[float, int]] = []
     time.sleep(2.0)  # connect + warm up
+    buckets0 = latency_buckets(api_port)
     cpu0 = ps.cpu_times()
     n0, t0 = reader.count, time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -158,6 +193,7 @@ def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[
         rss_samples.append((time.monotonic() - t0, rss))
     cpu1 = ps.cpu_times()
     n1, t1 = reader.count, time.monotonic()
+    buckets1 = latency_buckets(api_port)
     proc.terminate()
     proc.wait(60)
     collector.join(5)
@@ -189,6 +225,8 @@ def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[
         "id_gaps": gaps,
         "p50_ms": stopped.get("ack_latency_p50_ms"),
         "p99_ms": stopped.get("ack_latency_p99_ms"),
+        "steady_p50_ms": window_quantile(buckets0, buckets1, 0.5) * 1000,
+        "steady_p99_ms": window_quantile(buckets0, buckets1, 0.99) * 1000,
         "cpu_s_per_100k": cpu / msgs * 100_000 if msgs else float("nan"),
         "peak_rss_mb": peak_rss / 2**20,
         "rss_first_mb": rss_samples[len(rss_samples) // 10][1] / 2**20 if rss_samples else 0,
