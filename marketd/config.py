@@ -834,7 +834,12 @@ def load_config(
             except ValueError as exc:
                 # Always redacted: a bad entry in [kafka.producer] must not print its password.
                 shown = redact_value(key, raw.value)
-                raise ConfigError(key, raw.source, f"{shown!r}: {exc}") from None
+                detail = str(exc)
+                if key == "binance.streams":
+                    # Stream errors name the offending stream themselves; the whole list would
+                    # only bury it.
+                    raise ConfigError(key, raw.source, detail) from None
+                raise ConfigError(key, raw.source, f"{shown!r}: {detail}") from None
             if key in _DICT_SETTINGS and key != "binance.silence_timeout_s":
                 # Passthrough tables merge key by key across layers.
                 value = {**merged[key].value, **value} if merged[key].source != "default" else value

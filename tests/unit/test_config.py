@@ -280,3 +280,11 @@ def test_shipped_marketd_toml_is_valid_and_uses_embedded(tmp_path: Path) -> None
     for key, value in loaded.sources.items():
         assert value.source != "default", f"{key} missing from marketd.toml"
     assert shown
+
+
+def test_a_bad_stream_is_named_once_not_buried_in_the_list(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, "", env={"BINANCE_STREAMS": "btcusdt@trade,ethusdt@trade,btcusdt@kline_7m"})
+    line = str(err.value)
+    assert line.count("btcusdt@kline_7m") == 1 and "ethusdt@trade" not in line
+    assert "env BINANCE_STREAMS" in line and "allowed: 1s 1m" in line
