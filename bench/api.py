@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -256,6 +257,8 @@ def main() -> None:
         help=f"create {FASTAPI_VENV} with fastapi, uvicorn[standard], redis, hiredis; then exit",
     )
     args = p.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/api.py needs wrk: apt-get install wrk (scripts/bootstrap --dev does)")
     if args.make_fastapi_venv:
         subprocess.run([sys.executable, "-m", "venv", str(FASTAPI_VENV)], check=True)
         pip = [str(FASTAPI_VENV / "bin" / "pip"), "install", "-q"]
