@@ -269,9 +269,19 @@ async def run_ingest(
         )
     rt.health.set("ingest", started=False, healthy=False, detail="starting")
     spool = await _open_spool(rt)
+    sink = KafkaSink(
+        producer_settings(cfg.kafka, rt.kafka_bootstrap),
+        dlq_topic=cfg.topics.dlq,
+        stats=ProduceStats.create(rt.metrics),
+        flush_timeout_s=cfg.kafka.flush_timeout_s,
+        dlq_max_raw_bytes=cfg.dlq.max_raw_bytes,
+    )
     try:
-        await _run_ingest(rt, connections, specs, spool, task_status)
+        await _run_ingest(rt, connections, specs, spool, sink, task_status)
     finally:
+        # Also after a failure: a restarted component must not leave a producer behind that
+        # keeps its connections and retries.
+        sink.close()
         if spool is not None:
             spool.close()
 
@@ -281,17 +291,11 @@ async def _run_ingest(
     connections: list[tuple[StreamSpec, ...]],
     specs: tuple[StreamSpec, ...],
     spool: Spool | None,
+    sink: KafkaSink,
     task_status: trio.TaskStatus[None],
 ) -> None:
     cfg = rt.config
-    stats = ProduceStats.create(rt.metrics)
-    sink = KafkaSink(
-        producer_settings(cfg.kafka, rt.kafka_bootstrap),
-        dlq_topic=cfg.topics.dlq,
-        stats=stats,
-        flush_timeout_s=cfg.kafka.flush_timeout_s,
-        dlq_max_raw_bytes=cfg.dlq.max_raw_bytes,
-    )
+    stats = sink.stats
     frames_tx, frames_rx = trio.open_memory_channel[Inbound](cfg.ingest.frame_buffer)
     # Backfill requests from the keeper; bounded: a full queue records the range as a gap.
     requests_tx, requests_rx = trio.open_memory_channel[Request](1024)

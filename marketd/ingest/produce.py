@@ -313,6 +313,16 @@ class KafkaSink:
         taken.sort(key=lambda r: r[0])
         return taken
 
+    def close(self) -> None:
+        """Destroy the producer now (flushed or abandoned before): its delivery callbacks and
+        error_cb hold references back to this sink, a cycle through C that the garbage
+        collector cannot break, so without this it would live on with its connections."""
+        if self._producer is not None:
+            self._abandoned = True
+            self._producer.purge(in_queue=True, in_flight=True, blocking=True)
+            self._producer.poll(0)
+            self._producer = None
+
     def abandon(self) -> None:
         """Drop everything librdkafka still holds, in flight included: the caller has it in the
         spool, and a retry from this producer later (a component restart keeps the process)

@@ -39,6 +39,16 @@ def cluster() -> Iterator[KafkaClusterProcess]:
         yield c
 
 
+_SINKS: list[KafkaSink] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sinks() -> Iterator[None]:
+    yield
+    while _SINKS:
+        _SINKS.pop().close()  # no producer outlives its test (and its cluster)
+
+
 @pytest.fixture
 def topic() -> str:
     return f"spooled-{uuid.uuid4().hex[:8]}"
@@ -84,6 +94,7 @@ def make_stage(
         stats=ProduceStats.create(metrics),
         flush_timeout_s=5.0,
     )
+    _SINKS.append(sink)
     cfg = SpoolConfig(**{"outage_after_s": 1.0, "probe_interval_s": 0.2, **spool_cfg})  # type: ignore[arg-type]
     return SpoolingProducer(
         sink,
