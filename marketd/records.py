@@ -227,6 +227,25 @@ class BlockTradeRecord(msgspec.Struct, frozen=True, gc=False):
     schema_version: int
 
 
+class TradeIdentity(msgspec.Struct, frozen=True, gc=False):
+    """What tape continuity reads back from a raw_trades value (other fields are ignored)."""
+
+    symbol: str
+    trade_id: int
+    backfill: bool = False
+
+
+_decode_trade_identity = msgspec.json.Decoder(TradeIdentity).decode
+
+
+def trade_identity(value: bytes) -> TradeIdentity | None:
+    """The symbol and trade id of a raw_trades value; None when it is not one."""
+    try:
+        return _decode_trade_identity(value)
+    except msgspec.DecodeError:
+        return None
+
+
 def field_names(cls: type[msgspec.Struct]) -> tuple[str, ...]:
     return tuple(cls.__struct_fields__)
 

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Final, NamedTuple, TextIO
 
 import attrs
-import msgspec
+
+from marketd.records import trade_identity
 
 EXIT_OK: Final = 0
 EXIT_DEFECT: Final = 1
@@ -170,17 +171,6 @@ def analyze(entries: Iterable[TapeEntry], topic: str = "", undecodable: int = 0)
 # -- reading Kafka --------------------------------------------------------------------------------
 
 
-class _Value(msgspec.Struct):
-    """The fields of a TradeRecord value that verification needs (others are ignored)."""
-
-    symbol: str
-    trade_id: int
-    backfill: bool = False
-
-
-_decode_value = msgspec.json.Decoder(_Value).decode
-
-
 class KafkaReadError(Exception):
     pass
 
@@ -258,9 +248,8 @@ def read_tape(
 
 
 def _entry(msg: Any, reader: _Reader) -> TapeEntry | None:
-    try:
-        v = _decode_value(msg.value() or b"")
-    except msgspec.DecodeError:
+    v = trade_identity(msg.value() or b"")
+    if v is None:
         reader.undecodable += 1
         return None
     backfill = v.backfill or any(

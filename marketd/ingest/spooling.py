@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import confluent_kafka
-import msgspec
 import trio
 
 from marketd.config import SpoolConfig
@@ -40,6 +39,7 @@ from marketd.ingest.batch import Batch
 from marketd.ingest.produce import KafkaSink
 from marketd.logs import get_logger
 from marketd.metrics import MetricsFactory
+from marketd.records import trade_identity
 from marketd.spool import Position, Spool, SpoolEntry, SpoolFull
 
 log = get_logger(__name__)
@@ -56,21 +56,6 @@ REPLAY_TICK_S: Final = 0.005
 TailReader = Callable[[], Awaitable[dict[str, int]]]
 
 
-class _TradeIds(msgspec.Struct):
-    symbol: str
-    trade_id: int
-
-
-_trade_ids = msgspec.json.Decoder(_TradeIds)
-
-
-def _trade_of(entry: SpoolEntry) -> _TradeIds | None:
-    try:
-        return _trade_ids.decode(entry.value)
-    except msgspec.DecodeError:
-        return None
-
-
 def spool_trade_tail(spool: Spool, trades_topic: str) -> dict[str, int]:
     """The highest trade id per symbol among the spooled (not yet delivered) trades.
 
@@ -80,7 +65,7 @@ def spool_trade_tail(spool: Spool, trades_topic: str) -> dict[str, int]:
     last: dict[str, int] = {}
     try:
         for _, entry in spool.replay():
-            if entry.topic == trades_topic and (t := _trade_of(entry)) is not None:
+            if entry.topic == trades_topic and (t := trade_identity(entry.value)) is not None:
                 last[t.symbol] = max(t.trade_id, last.get(t.symbol, -1))
     finally:
         spool.rewind()
@@ -496,7 +481,7 @@ class SpoolingProducer:
     def _already_in_topic(self, entry: SpoolEntry) -> bool:
         if entry.topic != self.trades_topic or not self._tail:
             return False
-        t = _trade_of(entry)
+        t = trade_identity(entry.value)
         if t is None or t.trade_id > self._tail.get(t.symbol, -1):
             return False
         self._m_skipped.inc()

@@ -13,17 +13,9 @@ import uuid
 from typing import Any
 
 import confluent_kafka
-import msgspec
 
 from marketd.errors import KafkaUnavailable
-
-
-class _Trade(msgspec.Struct):
-    symbol: str
-    trade_id: int
-
-
-_decode = msgspec.json.Decoder(_Trade).decode
+from marketd.records import trade_identity
 
 
 def trade_tail(
@@ -73,11 +65,8 @@ def trade_tail(
                         open_partitions.discard(msg.partition())
                         continue
                     raise KafkaUnavailable(f"cannot read the tail of {topic}: {err}")
-                try:
-                    t = _decode(msg.value() or b"")
-                except msgspec.DecodeError:
-                    continue
-                if t.trade_id > last.get(t.symbol, -1):
+                t = trade_identity(msg.value() or b"")
+                if t is not None and t.trade_id > last.get(t.symbol, -1):
                     last[t.symbol] = t.trade_id
         return last
     finally:
