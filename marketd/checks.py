@@ -180,10 +180,10 @@ def probe_redis(url: str, symbols: Sequence[str], timeout_s: float) -> RedisProb
 
 
 def probe_kafka(cfg: Config, timeout_s: float) -> dict[str, Any]:
-    from marketd.kafka.client import EMBEDDED
+    from marketd.kafka.client import is_embedded
 
     bootstrap = cfg.kafka.bootstrap_servers
-    if bootstrap.strip().lower() == EMBEDDED:
+    if is_embedded(bootstrap):
         return {
             "status": "skipped",
             "reason": "kafka.bootstrap_servers is 'embedded': the mock cluster lives inside the "

@@ -17,7 +17,7 @@ import trio
 
 from marketd.config import Config
 from marketd.errors import FatalComponentError, MissingDependency
-from marketd.kafka.client import EMBEDDED, EmbeddedCluster
+from marketd.kafka.client import EmbeddedCluster, is_embedded
 from marketd.logs import get_logger
 from marketd.metrics import MetricsFactory
 from marketd.runtime import Runtime
@@ -52,7 +52,7 @@ def _components(cfg: Config) -> list[tuple[str, Callable[..., Awaitable[None]]]]
 @asynccontextmanager
 async def _kafka(cfg: Config) -> AsyncIterator[str]:
     needed = cfg.components.ingest or cfg.components.tickers
-    if not needed or cfg.kafka.bootstrap_servers.strip().lower() != EMBEDDED:
+    if not needed or not is_embedded(cfg.kafka.bootstrap_servers):
         yield cfg.kafka.bootstrap_servers  # an API-only process talks to no Kafka
         return
     cluster = await trio.to_thread.run_sync(EmbeddedCluster)

@@ -284,11 +284,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from marketd.cli import load
-    from marketd.kafka.client import EMBEDDED, consumer_settings
+    from marketd.kafka.client import consumer_settings, is_embedded
 
     cfg = load(args).config
     topic = args.topic or cfg.topics.raw_trades
-    if cfg.kafka.bootstrap_servers.strip() == EMBEDDED:
+    if is_embedded(cfg.kafka.bootstrap_servers):
         print(
             "marketd verify: kafka.bootstrap_servers is 'embedded', a mock cluster that lives "
             "inside the daemon; point KAFKA_BOOTSTRAP_SERVERS at the brokers to verify",

@@ -25,7 +25,7 @@ from marketd.ingest.source import SourceMetrics, run_connection
 from marketd.ingest.spooling import SpoolingProducer, spool_trade_tail
 from marketd.ingest.streams import StreamSpec, parse_streams, shard_streams, split_connections
 from marketd.ingest.tape import Reconnected, Request, TapeKeeper
-from marketd.kafka.client import EMBEDDED, consumer_settings, producer_settings
+from marketd.kafka.client import consumer_settings, is_embedded, producer_settings
 from marketd.kafka.tail import trade_tail
 from marketd.logs import get_logger
 from marketd.records import AggTradeRecord, KlineRecord, TradeRecord
@@ -222,7 +222,11 @@ async def _published_trade_ids(rt: Runtime, spool: Spool | None) -> dict[str, in
     """Per symbol the last trade id already published: the topic's tail and the spool's."""
     cfg = rt.config
     last: dict[str, int] = {}
-    if cfg.backfill.enabled and cfg.backfill.resume_from_topic and not _embedded(rt):
+    if (
+        cfg.backfill.enabled
+        and cfg.backfill.resume_from_topic
+        and not is_embedded(cfg.kafka.bootstrap_servers)
+    ):
         try:
             with trio.fail_after(TAIL_READ_TIMEOUT_S + 1):
                 last = await _read_trade_tail(rt, timeout_s=TAIL_READ_TIMEOUT_S)
@@ -240,15 +244,11 @@ async def _published_trade_ids(rt: Runtime, spool: Spool | None) -> dict[str, in
     return last
 
 
-def _embedded(rt: Runtime) -> bool:
-    return rt.config.kafka.bootstrap_servers.strip().lower() == EMBEDDED
-
-
 async def _open_spool(rt: Runtime) -> Spool | None:
     """The Kafka-outage spool, recovered from disk; None when disabled or Kafka is embedded (the
     in-process mock cluster lives and dies with us: there is no outage to outlast)."""
     cfg = rt.config
-    if not cfg.spool.enabled or _embedded(rt):
+    if not cfg.spool.enabled or is_embedded(cfg.kafka.bootstrap_servers):
         return None
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes, metrics=rt.metrics)
     await trio.to_thread.run_sync(spool.open)

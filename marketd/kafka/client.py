@@ -23,6 +23,11 @@ log = get_logger(__name__)
 EMBEDDED = "embedded"
 
 
+def is_embedded(bootstrap_servers: str) -> bool:
+    """Does this `kafka.bootstrap_servers` value ask for the in-process mock cluster?"""
+    return bootstrap_servers.strip().lower() == EMBEDDED
+
+
 def _librdkafka_logger() -> logging.Logger:
     # librdkafka writes to stderr by default; route it through our logs (its own lines carry the
     # facility and client name) so LOG_FORMAT=json stays JSON.

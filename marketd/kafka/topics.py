@@ -19,7 +19,7 @@ import confluent_kafka.admin
 import confluent_kafka.cimpl
 
 from marketd.config import Config, load_config
-from marketd.kafka.client import EMBEDDED, admin_settings
+from marketd.kafka.client import admin_settings, is_embedded
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     bootstrap = cfg.kafka.bootstrap_servers
-    if bootstrap.strip().lower() == EMBEDDED:
+    if is_embedded(bootstrap):
         print(
             "kafka.bootstrap_servers is 'embedded': the mock cluster lives inside the daemon and "
             "creates topics on first use; nothing to do"

@@ -18,7 +18,7 @@ import trio
 
 from marketd.backoff import Backoff
 from marketd.errors import ConfigError, StoreUnavailable
-from marketd.kafka.client import EMBEDDED, consumer_settings, producer_settings
+from marketd.kafka.client import consumer_settings, is_embedded, producer_settings
 from marketd.logs import Throttle, get_logger
 from marketd.records import TickerRecord
 from marketd.runtime import Runtime
@@ -288,7 +288,7 @@ async def run_tickers(
         raise ConfigError("redis.url", "runtime", "the ticker consumer needs Redis; none resolved")
     rt.health.set(COMPONENT, started=False, healthy=False, detail="starting")
     state, metrics = ticker_state.attach(rt)
-    embedded = cfg.kafka.bootstrap_servers.strip().lower() == EMBEDDED
+    embedded = is_embedded(cfg.kafka.bootstrap_servers)
     settings = consumer_settings(
         cfg.kafka, rt.kafka_bootstrap, cfg.tickers.group, **tuning(embedded)
     )

@@ -288,3 +288,12 @@ def test_a_bad_stream_is_named_once_not_buried_in_the_list(tmp_path: Path) -> No
     line = str(err.value)
     assert line.count("btcusdt@kline_7m") == 1 and "ethusdt@trade" not in line
     assert "env BINANCE_STREAMS" in line and "allowed: 1s 1m" in line
+
+
+@pytest.mark.parametrize(
+    ("value", "embedded"), [("embedded", True), (" Embedded ", True), ("localhost:9092", False)]
+)
+def test_embedded_kafka_is_recognised_the_same_everywhere(value: str, embedded: bool) -> None:
+    from marketd.kafka.client import is_embedded
+
+    assert is_embedded(value) is embedded
