@@ -37,8 +37,9 @@ log = get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
 
 # Delivery errors meaning "librdkafka gave the message back unsent (or gave up waiting)": with a
-# spool these go to disk and are replayed; without one they are delivery failures. (marketd never
-# purges in-flight requests: one on the wire may still be written by the broker.)
+# spool these go to disk and are replayed; without one they are delivery failures. (Purges happen
+# only in `abandon`, once the spool holds everything: a request on the wire may still be written
+# by the broker, so purging in flight earlier would publish twice.)
 _RETURNED: frozenset[int] = frozenset(
     {
         confluent_kafka.KafkaError._PURGE_QUEUE,
@@ -169,7 +170,7 @@ class KafkaSink:
             if hook is not None:
                 hook(seq, True)
             return
-        if self.returned is not None and err.code() in _RETURNED:
+        if self.returned is not None and self.is_returned(err):
             self.stats.returned.inc(topic)
             if hook is None or not hook(seq, False):
                 self.returned.append(
@@ -313,23 +314,21 @@ class KafkaSink:
         taken.sort(key=lambda r: r[0])
         return taken
 
-    def close(self) -> None:
-        """Destroy the producer now (flushed or abandoned before): its delivery callbacks and
-        error_cb hold references back to this sink, a cycle through C that the garbage
-        collector cannot break, so without this it would live on with its connections."""
-        if self._producer is not None:
-            self._abandoned = True
-            self._producer.purge(in_queue=True, in_flight=True, blocking=True)
-            self._producer.poll(0)
-            self._producer = None
-
     def abandon(self) -> None:
         """Drop everything librdkafka still holds, in flight included: the caller has it in the
-        spool, and a retry from this producer later (a component restart keeps the process)
-        would publish it a second time."""
+        spool (or has given up on it), and a retry from this producer later (a component
+        restart keeps the process) would publish it a second time."""
         self._abandoned = True
         self._producer.purge(in_queue=True, in_flight=True, blocking=True)
         self._producer.poll(0)
+
+    def close(self) -> None:
+        """Abandon, then destroy the producer now: its delivery callbacks and error_cb refer back
+        to this sink, a cycle through C that the garbage collector cannot break, so without
+        this it would live on with its connections."""
+        if self._producer is not None:
+            self.abandon()
+            self._producer = None
 
     def take_unacked(self) -> list[tuple[int, Any]]:
         """Every record handed to librdkafka and not resolved yet, in produce order."""

@@ -112,7 +112,8 @@ class SpoolingProducer:
         self._shadow_of: dict[int, int | None] = {}
         self._early: dict[int, bool] = {}
         self._awaiting: set[int] = set()  # shadow ordinals whose original is unresolved
-        self._stash: dict[int, SpoolEntry] = {}  # read shadows, sent if their original fails
+        # Read shadows, sent if their original fails.
+        self._stash: dict[int, tuple[Position, SpoolEntry]] = {}
         # Replay bookkeeping, by spool ordinal (position in append order since open).
         self._outstanding: collections.deque[Position] = collections.deque()  # read, in order
         self._unsent: collections.deque[tuple[Position, SpoolEntry]] = collections.deque()
@@ -339,7 +340,7 @@ class SpoolingProducer:
         if delivered:
             self._done.add(ordinal)
         elif ordinal in self._stash:  # read already: send the copy now
-            self._unsent.append((Position(0, 0, ordinal), self._stash.pop(ordinal)))
+            self._unsent.append(self._stash.pop(ordinal))
         return True
 
     # -- spool I/O ------------------------------------------------------------------------------
@@ -456,7 +457,7 @@ class SpoolingProducer:
                 if o in self._done:
                     continue
                 if o in self._awaiting:
-                    self._stash[o] = entry
+                    self._stash[o] = (pos, entry)
                 elif o < self._backlog_end and self._already_in_topic(entry):
                     self._done.add(o)
                 else:

@@ -204,3 +204,48 @@ async def test_shutdown_while_kafka_is_down_keeps_the_spool(
         *(f"a{i}".encode() for i in range(3)),
         *(f"b{i}".encode() for i in range(3)),
     ]
+
+
+async def test_originals_librdkafka_gives_up_on_go_out_from_their_shadows(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sp, kafka, spool = stage(tmp_path)
+    tx, rx = trio.open_memory_channel[list[Outgoing]](4)
+    kafka.up = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sp.run, rx)
+        await tx.send(records("a", 5))
+        await trio.sleep(2)  # outage: shadows of a0..a4 in the spool, originals still held
+        await tx.send(records("b", 3))
+        await trio.sleep(1)
+        assert spool.pending == 8 and len(kafka.held) == 5
+        kafka.give_up()  # message.timeout.ms: librdkafka fails the originals
+        await trio.sleep(1)
+        kafka.up = True
+        await trio.sleep(3)
+        assert not sp.spooling and spool.pending == 0
+        await tx.aclose()
+    assert kafka.written == [*(f"a{i}".encode() for i in range(5)), b"b0", b"b1", b"b2"]
+
+
+async def test_an_original_given_up_after_its_shadow_was_read_is_sent_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sp, kafka, spool = stage(tmp_path)
+    tx, rx = trio.open_memory_channel[list[Outgoing]](4)
+    kafka.up = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sp.run, rx)
+        await tx.send(records("a", 3))
+        await trio.sleep(2)  # outage: shadows of a0..a2 spooled behind the held originals
+        kafka.auto_ack = False
+        kafka.up = True  # metadata answers, produce acks do not: the replay reads the shadows
+        await trio.sleep(1)
+        assert len(sp._stash) == 3  # white-box: the path under test, not the early one
+        kafka.up = False
+        kafka.give_up()  # the originals fail: their copies go out instead
+        kafka.up = kafka.auto_ack = True
+        await trio.sleep(3)
+        assert not sp.spooling and spool.pending == 0
+        await tx.aclose()
+    assert kafka.written == [b"a0", b"a1", b"a2"]
