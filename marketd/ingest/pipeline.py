@@ -218,27 +218,38 @@ async def _read_trade_tail(rt: Runtime, timeout_s: float = 15.0) -> dict[str, in
     )
 
 
-async def _published_trade_ids(rt: Runtime, spool: Spool | None) -> dict[str, int]:
-    """Per symbol the last trade id already published: the topic's tail and the spool's."""
+async def _topic_tail(rt: Runtime) -> dict[str, int] | None:
+    """The trades topic's last id per symbol at start-up; None when not wanted or not readable
+    (the spooling stage then reads it itself if a crashed run's spool needs it)."""
     cfg = rt.config
-    last: dict[str, int] = {}
-    if (
+    if not (
         cfg.backfill.enabled
         and cfg.backfill.resume_from_topic
         and not is_embedded(cfg.kafka.bootstrap_servers)
     ):
-        try:
-            with trio.fail_after(TAIL_READ_TIMEOUT_S + 1):
-                last = await _read_trade_tail(rt, timeout_s=TAIL_READ_TIMEOUT_S)
-        except (KafkaUnavailable, trio.TooSlowError) as exc:
-            log.warning(
-                "ingest.tape_tail_unavailable",
-                topic=cfg.topics.raw_trades,
-                error=str(exc) or type(exc).__name__,
-                detail="starting each symbol's tape afresh: trades missed while down stay a gap",
-            )
+        return None
+    try:
+        with trio.fail_after(TAIL_READ_TIMEOUT_S + 1):
+            return await _read_trade_tail(rt, timeout_s=TAIL_READ_TIMEOUT_S)
+    except (KafkaUnavailable, trio.TooSlowError) as exc:
+        log.warning(
+            "ingest.tape_tail_unavailable",
+            topic=cfg.topics.raw_trades,
+            error=str(exc) or type(exc).__name__,
+            detail="starting each symbol's tape afresh: trades missed while down stay a gap",
+        )
+        return None
+
+
+async def _published_trade_ids(
+    rt: Runtime, spool: Spool | None, topic_tail: dict[str, int] | None
+) -> dict[str, int]:
+    """Per symbol the last trade id already published: the topic's tail and the spool's."""
+    last = dict(topic_tail or {})
     if spool is not None and spool.pending:
-        spooled = await trio.to_thread.run_sync(spool_trade_tail, spool, cfg.topics.raw_trades)
+        spooled = await trio.to_thread.run_sync(
+            spool_trade_tail, spool, rt.config.topics.raw_trades
+        )
         for symbol, trade_id in spooled.items():
             last[symbol] = max(trade_id, last.get(symbol, -1))
     return last
@@ -311,7 +322,8 @@ async def _run_ingest(
         max_held=cfg.backfill.max_held_per_symbol,
         metrics=rt.metrics,
     )
-    seeds = await _published_trade_ids(rt, spool)
+    topic_tail = await _topic_tail(rt)
+    seeds = await _published_trade_ids(rt, spool, topic_tail)
     if seeds:
         # The gate continues each symbol's tape from the last id published before this process
         # (the topic's tail, or the spool of a crashed run, which goes out first): what the
@@ -348,6 +360,7 @@ async def _run_ingest(
                 spool,
                 cfg.spool,
                 trades_topic=cfg.topics.raw_trades,
+                topic_tail=topic_tail,
                 read_tail=functools.partial(_read_trade_tail, rt),
                 replay_deadline_s=cfg.kafka.flush_timeout_s,
                 metrics=rt.metrics,

@@ -82,6 +82,7 @@ class SpoolingProducer:
         cfg: SpoolConfig,
         *,
         trades_topic: str | None = None,
+        topic_tail: dict[str, int] | None = None,
         read_tail: TailReader | None = None,
         replay_deadline_s: float = 10.0,
         queue_max_messages: int = DEFAULT_QUEUE_MAX_MESSAGES,
@@ -120,7 +121,9 @@ class SpoolingProducer:
         self._done: set[int] = set()  # delivered (or dead-lettered, or skipped), not yet acked
         self._given_back: set[int] = set()  # replayed, timed out: sent again after a rewind
         self._backlog_end = spool.appended if spool.pending else 0  # ordinals of a past run
-        self._tail: dict[str, int] | None = None
+        # The topic's last trade ids, for skipping a crashed run's spooled trades that reached
+        # the topic anyway: read at start-up by the pipeline when Kafka answered, else here.
+        self._tail: dict[str, int] | None = topic_tail
         self._backlog_counted = 0  # backlog ordinals below this were counted as accepted
         self._sent_in_outage = 0
         m = metrics or MetricsFactory()
