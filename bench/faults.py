@@ -30,15 +30,14 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import confluent_kafka
 import msgspec
 import psutil
 import trio
-import trio_websocket
 
+from marketd.testing.fake_exchange.observer import keep_market_trading
 from marketd.testing.kafka_cluster import KafkaClusterProcess
 from marketd.testing.samples import BENCH_SYMBOLS
 from marketd.verify import TapeEntry, TapeReport, analyze
@@ -172,42 +171,20 @@ class TapeReader(threading.Thread):
 
 
 class MarketClient(threading.Thread):
-    """Subscribed to `<symbol>@avgPrice` for the whole run, so the fake exchange keeps
-    generating trades while marketd is disconnected (it trades only symbols somebody subscribes
-    to; Binance trades on regardless). avgPrice frames carry no trade ids: the ledger's trade
-    ranges stay marketd's."""
+    """`keep_market_trading` for the whole run, in its own thread (the bench is threaded)."""
 
     def __init__(self, ws_url: str) -> None:
         super().__init__(daemon=True)
-        parts = urlsplit(ws_url)
-        assert parts.hostname is not None and parts.port is not None
-        self.host, self.port = parts.hostname, parts.port
-        self.resource = parts.path + "?streams=" + "/".join(f"{s}@avgPrice" for s in SYMBOLS)
+        self.ws_url = ws_url
         self.connected = threading.Event()
 
     def run(self) -> None:
         trio.run(self._main)
 
     async def _main(self) -> None:
-        while True:
-            try:
-                async with (
-                    await trio.open_tcp_stream(self.host, self.port) as stream,
-                    trio.open_nursery() as nursery,
-                ):
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery, stream, self.host, self.resource
-                    )
-                    self.connected.set()
-                    try:
-                        while True:
-                            await ws.get_message()
-                    finally:
-                        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
-                            await ws.aclose()
-            except* (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError):
-                pass  # serverShutdown, a drop: subscribe again
-            await trio.sleep(0.1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keep_market_trading, self.ws_url, SYMBOLS)
+            self.connected.set()
 
 
 class Exchange:

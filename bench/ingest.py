@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import trio_websocket
 
 from marketd.kafka.client import EmbeddedCluster
 from marketd.testing.samples import BENCH_SYMBOLS
+from marketd.tickers.redis_server import free_port
 
 SYMBOLS = list(BENCH_SYMBOLS)
 STREAMS = [f"{s}@trade" for s in SYMBOLS]
@@ -135,13 +135,6 @@ def window_quantile(before: dict[float, float], after: dict[float, float], q: fl
         return float("nan")
     rank = q * counts[-1]
     return next(b for b, c in zip(bounds, counts, strict=True) if c >= rank)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from marketd.spool.segment import HEADER_BYTES, iter_frames, scan, segment_seq
+from marketd.testing.fake_exchange.observer import keep_market_trading
 from marketd.testing.kafka_cluster import KafkaClusterProcess
 from tests.support.daemon import Daemon
 from tests.support.exchange import Exchange, fake_exchange
@@ -31,7 +32,6 @@ from tests.support.tape import (
     ExchangeAdmin,
     IdRange,
     TapeFollower,
-    keep_market_trading,
     tape_defects,
     verify_tape,
     wait_until,

@@ -2,7 +2,8 @@
 
 `TapeFollower` reads the topic along (by assignment, from the beginning) and keeps per symbol the
 highest trade id seen, so a test knows when the tape has caught up with the exchange's ledger.
-`keep_market_trading` keeps the exchange generating trades while the daemon is away.
+(The subscriber that keeps the exchange trading while the daemon is away lives in
+marketd/testing/fake_exchange/observer.py, shared with bench/faults.py.)
 `ExchangeAdmin` talks to the exchange's `/fake/*` endpoints; `freeze()` stops every connection's
 sending (a stall until cleared) and returns the ledger once it stopped moving, so a test can
 compare exactly "what the exchange emitted" with "what reached Kafka".
@@ -15,15 +16,13 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import confluent_kafka
 import httpx
 import trio
-import trio_websocket
 
 # How long the ledger must stand still before it counts as final: longer than the daemon's
 # reconnect delay in these tests (RECONNECT_MAX_DELAY_SECONDS=1), so a reconnect that would send
@@ -87,45 +86,6 @@ class TapeFollower:
 
     def reached(self, ledger: dict[str, IdRange]) -> bool:
         return all(self.last.get(sym, -1) >= r.last for sym, r in ledger.items())
-
-
-async def keep_market_trading(
-    ws_url: str,
-    symbols: Iterable[str],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Stay subscribed to `<symbol>@avgPrice` so the fake exchange keeps generating trades
-    while the daemon is disconnected or down, as a real market would: it generates trades only
-    for symbols someone subscribes to. avgPrice frames carry no trade ids, so the ledger's trade
-    ranges stay the daemon's."""
-    parts = urlsplit(ws_url)
-    assert parts.hostname is not None and parts.port is not None
-    resource = parts.path + "?streams=" + "/".join(f"{s.lower()}@avgPrice" for s in symbols)
-    started = False
-    while True:
-        try:
-            # Our own TCP stream, closed by us: trio-websocket 0.12 leaves the socket open when
-            # the server completes a close handshake (serverShutdown, the 24 h close).
-            async with (
-                await trio.open_tcp_stream(parts.hostname, parts.port) as stream,
-                trio.open_nursery() as nursery,
-            ):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, parts.hostname, resource
-                )
-                if not started:
-                    started = True
-                    task_status.started()
-                try:
-                    while True:
-                        await ws.get_message()
-                finally:
-                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
-                        await ws.aclose()
-        except* (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError):
-            pass  # closed by a fault switch (or the exchange went): subscribe again
-        await trio.sleep(0.1)
 
 
 class ExchangeAdmin:
