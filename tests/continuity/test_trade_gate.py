@@ -221,15 +221,11 @@ def two_connections(draw: st.DrawFn) -> tuple[list[int], list[int], list[int], i
     return a, b, merged, serve_every
 
 
-@settings(max_examples=300, deadline=None)
-@given(case=two_connections(), fail=st.booleans())
-def test_any_interleaving_gives_each_id_once_in_order(
-    case: tuple[list[int], list[int], list[int], int], fail: bool
-) -> None:
-    _, _, merged, serve_every = case
-    if not merged:
-        return
-    g = gate(max_held=10_000)
+def feed_and_serve(
+    g: TradeGate[Any], live_ids: list[int], serve_every: int, *, fail: bool = False
+) -> list[Any]:
+    """Feed live ids; every `serve_every` trades answer the backfill requests made so far (with
+    `fail`, those starting at an odd id fail as REST unavailable). Returns every action."""
     out: list[Any] = []
     queue: list[RequestBackfill] = []
 
@@ -243,13 +239,26 @@ def test_any_interleaving_gives_each_id_once_in_order(
                 out.extend(g.on_backfill(S, [(i, i, i) for i in ids]))
                 out.extend(g.on_backfill_done(S, req.from_id, req.to_id))
 
-    for k, trade_id in enumerate(merged):
+    for k, trade_id in enumerate(live_ids):
         actions = g.on_live(S, trade_id, trade_id, now=0.0)
         out.extend(actions)
         queue += requests(actions)
         if k % serve_every == 0:
             serve()
     serve()
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=two_connections(), fail=st.booleans())
+def test_any_interleaving_gives_each_id_once_in_order(
+    case: tuple[list[int], list[int], list[int], int], fail: bool
+) -> None:
+    _, _, merged, serve_every = case
+    if not merged:
+        return
+    g = gate(max_held=10_000)
+    out = feed_and_serve(g, merged, serve_every, fail=fail)
 
     first, top = merged[0], max(merged)
     covered: list[int] = []
@@ -404,22 +413,7 @@ def test_a_seeded_tape_continues_exactly_after_the_seed(
     # Live ids in any order, with repeats and ids the previous process already published.
     g = gate(max_held=10_000)
     g.seed(S, seed)
-    out: list[Any] = []
-    queue: list[RequestBackfill] = []
-
-    def serve() -> None:
-        while queue:
-            req = queue.pop(0)
-            out.extend(g.on_backfill(S, [(i, i, i) for i in range(req.from_id, req.to_id + 1)]))
-            out.extend(g.on_backfill_done(S, req.from_id, req.to_id))
-
-    for k, trade_id in enumerate(ids):
-        actions = g.on_live(S, trade_id, trade_id, now=0.0)
-        out.extend(actions)
-        queue += requests(actions)
-        if k % serve_every == 0:
-            serve()
-    serve()
+    out = feed_and_serve(g, ids, serve_every)
     top = max([seed, *ids])
     assert emitted(out) == list(range(seed + 1, top + 1))
     assert all(gap.repaired for gap in gaps(out))
