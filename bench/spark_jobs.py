@@ -48,7 +48,7 @@ def lines(first_id: int, n: int, t0_ms: int, span_ms: int) -> str:
                 sl=s.lower(),
                 i=i,
                 p=f"{40000 + (i * 7919) % 2000}.{i % 100:02d}",
-                q=f"0.{(i * 104729) % 100000000:08d}",
+                q=f"0.{(i * 104729) % 99999999 + 1:08d}",  # never 0: a zero quantity is invalid
                 t=t0_ms + (k * span_ms) // max(n, 1),
                 m="true" if i % 2 else "false",
             )
