@@ -373,6 +373,13 @@ class IngestConfig:
         64, check=_at_least(1), help="decoded chunks buffered before batching"
     )
     batch_buffer: int = setting(16, check=_at_least(1), help="batches buffered before the producer")
+    max_future_ms: int = setting(
+        10_000,
+        env="INGEST_MAX_FUTURE_MS",
+        check=_at_least(0),
+        help="a record's event time may be at most this far ahead of the local clock "
+        "(further: dead-lettered)",
+    )
 
 
 @attrs.frozen
