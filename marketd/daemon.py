@@ -1,7 +1,9 @@
-"""The daemon: one trio nursery of supervised components, started downstream-first.
+"""The daemon: one trio nursery of supervised components, started side by side.
 
 Resolves the embedded Kafka mock cluster and the embedded redis-server when configured, starts
-the API, the ticker consumer and the ingest pipeline (those enabled), and owns the signals:
+the API, the ticker consumer and the ingest pipeline (those enabled) concurrently -- no start-up
+chain between them: each depends only on its own outside services and reports whether it can
+reach them in `rt.health`, so one that is unreachable holds up nobody -- and owns the signals:
 the first SIGINT/SIGTERM sets `rt.draining` (every component stops taking input and drains), a
 second signal or the drain deadline cancels everything. Returns the process exit code.
 """
@@ -32,7 +34,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _components(cfg: Config) -> list[tuple[str, Callable[..., Awaitable[None]]]]:
-    """Enabled components, downstream first: nothing produces into a stage that is not ready."""
+    """Enabled components. They start concurrently; the order is only that of the logs."""
     out: list[tuple[str, Callable[..., Awaitable[None]]]] = []
     if cfg.components.api:
         from marketd.api.server import run_api
@@ -115,6 +117,14 @@ async def _watch_signals(
             everything.cancel()
 
 
+async def _start(
+    nursery: trio.Nursery, name: str, component: Callable[..., Awaitable[None]], rt: Runtime
+) -> None:
+    """Start one supervised component in `nursery`; siblings start at the same time, so one
+    that is slow to report started (it never waits for an outside service) delays only READY."""
+    await nursery.start(supervise, name, component, rt, rt.config.supervisor)
+
+
 def _notify(state: str) -> None:
     """systemd readiness (Type=notify), when the sdnotify helper is part of this build."""
     try:
@@ -138,8 +148,9 @@ async def run_daemon(cfg: Config, *, metrics: MetricsFactory | None = None) -> i
             async with trio.open_nursery() as outer:
                 await outer.start(_watch_signals, rt, outer.cancel_scope, outcome)
                 async with trio.open_nursery() as nursery:
-                    for name, component in components:
-                        await nursery.start(supervise, name, component, rt, cfg.supervisor)
+                    async with trio.open_nursery() as starting:
+                        for name, component in components:
+                            starting.start_soon(_start, nursery, name, component, rt)
                     log.info(
                         "daemon.started",
                         components=",".join(n for n, _ in components),

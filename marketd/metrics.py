@@ -9,11 +9,11 @@ too dear at 35k messages/s); it is exposed through a custom collector in the Pro
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 T = TypeVar("T")
@@ -175,8 +175,40 @@ class MetricsFactory:
 
         return self._once(name, make)
 
+    def state_gauge(
+        self, name: str, doc: str, label: str, read: Callable[[], Mapping[str, float]]
+    ) -> StateGauge:
+        """A labelled gauge whose series are read from `read()` at scrape time (one series per
+        key it returns): for states that live elsewhere, like component health."""
+
+        def make() -> StateGauge:
+            collector = StateGauge(f"marketd_{name}", doc, label, read)
+            self.registry.register(collector)
+            return collector
+
+        return self._once(name, make)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StateGauge(Collector):
+    def __init__(
+        self, name: str, doc: str, labelname: str, read: Callable[[], Mapping[str, float]]
+    ) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelname = labelname
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.doc, labels=[self.labelname])
+        for label, value in sorted(self.read().items()):
+            family.add_metric([label], value)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.name, self.doc, labels=[self.labelname])
 
 
 class FastCounter(Collector):

@@ -1,8 +1,9 @@
 """What every component of the daemon is handed: config, metrics, addresses, health, drain signal.
 
 A component is `async def run(rt: Runtime, *, task_status) -> None`: it calls
-`task_status.started()` once it is ready to accept input, returns once `rt.draining` is set and it
-has drained what it accepted, and raises on failure (the supervisor restarts it).
+`task_status.started()` as soon as it runs (never after waiting for an outside service: that is
+`rt.health`, see marketd/health.py), returns once `rt.draining` is set and it has drained what it
+accepted, and raises on failure (the supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -13,39 +14,8 @@ import attrs
 import trio
 
 from marketd.config import Config
+from marketd.health import ComponentHealth, Health
 from marketd.metrics import MetricsFactory
-
-
-@attrs.define
-class ComponentHealth:
-    started: bool = False
-    healthy: bool = False
-    detail: str = "starting"
-    since_ms: int = attrs.field(factory=lambda: int(time.time() * 1000))
-
-
-@attrs.define
-class Health:
-    """Component name -> health, read by /readyz and `marketd health`."""
-
-    components: dict[str, ComponentHealth] = attrs.field(factory=dict)
-
-    def set(
-        self, name: str, *, started: bool | None = None, healthy: bool, detail: str = ""
-    ) -> None:
-        current = self.components.setdefault(name, ComponentHealth())
-        changed = current.healthy != healthy or current.detail != detail
-        if started is not None:
-            current.started = started
-        current.healthy = healthy
-        current.detail = detail
-        if changed:
-            current.since_ms = int(time.time() * 1000)
-
-    def ready(self, enabled: tuple[str, ...]) -> bool:
-        return all(
-            (h := self.components.get(n)) is not None and h.started and h.healthy for n in enabled
-        )
 
 
 @attrs.define
@@ -58,3 +28,21 @@ class Runtime:
     # Set on the first SIGINT/SIGTERM: stop taking new input, drain, return.
     draining: trio.Event = attrs.field(factory=trio.Event)
     started_at_ms: int = attrs.field(factory=lambda: int(time.time() * 1000))
+
+    def __attrs_post_init__(self) -> None:
+        health = self.health
+        self.metrics.state_gauge(
+            "component_healthy",
+            "1 while the component (or part: backfill, analytics) is started and healthy",
+            "component",
+            health.component_gauge,
+        )
+        self.metrics.state_gauge(
+            "dependency_up",
+            "1 while the outside service answers, as last seen by the component using it",
+            "dependency",
+            health.dependency_gauge,
+        )
+
+
+__all__ = ["ComponentHealth", "Health", "Runtime"]

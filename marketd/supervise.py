@@ -4,6 +4,11 @@ A component that raises is logged with its traceback and restarted after a cappe
 backoff. More than `max_failures` failures within `failure_window_s` raise FatalComponentError,
 which takes the process down with a non-zero exit so systemd/docker restart it cleanly. A clean
 return (after a drain) ends supervision. Nothing is swallowed: every failure is logged.
+
+An outside service that cannot be reached is a state, not a failure: components retry it
+themselves and report it in `rt.health`. If a TransientError (Redis, Kafka, a connection) still
+escapes a component, it is restarted with the same capped backoff for as long as it takes, marked
+unhealthy with the error, and never counted towards the give-up.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import trio
 
 from marketd.backoff import Backoff
 from marketd.config import SupervisorConfig
-from marketd.errors import FatalComponentError
+from marketd.errors import FatalComponentError, TransientError
+from marketd.health import error_text
 from marketd.logs import get_logger
 from marketd.runtime import Runtime
 
@@ -55,10 +61,28 @@ async def supervise(
         except Exception as exc:
             now = trio.current_time()
             restarts.labels(name).inc()
-            rt.health.set(name, healthy=False, detail=f"failed: {type(exc).__name__}: {exc}"[:300])
             if rt.draining.is_set():
+                rt.health.set(name, healthy=False, reason=f"failed: {_describe(exc)}"[:300])
                 log.error("component.failed_during_drain", component=name, exc_info=exc)
                 raise
+            if _transient(exc):
+                if now - run_started > policy.failure_window_s:
+                    backoff.reset()
+                delay = backoff.delay()
+                rt.health.set(name, healthy=False, reason=f"{_describe(exc)}"[:300])
+                log.warning(
+                    "component.dependency_unavailable",
+                    component=name,
+                    error=_describe(exc)[:300],
+                    restart_in_s=round(delay, 3),
+                    detail="not counted as a failure; retrying for as long as it takes",
+                )
+                with trio.move_on_after(delay):
+                    await rt.draining.wait()
+                if rt.draining.is_set():
+                    return
+                continue
+            rt.health.set(name, healthy=False, reason=f"failed: {_describe(exc)}"[:300])
             failures.append(now)
             while failures and now - failures[0] > policy.failure_window_s:
                 failures.popleft()
@@ -87,3 +111,20 @@ async def supervise(
                 await rt.draining.wait()
             if rt.draining.is_set():
                 return
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+def _transient(exc: BaseException) -> bool:
+    """Only unreachable outside services (every leaf of a group a TransientError)."""
+    leaves = _leaves(exc)
+    return bool(leaves) and all(isinstance(e, TransientError) for e in leaves)
+
+
+def _describe(exc: BaseException) -> str:
+    leaf = _leaves(exc)[0] if isinstance(exc, BaseExceptionGroup) else exc
+    return f"{type(leaf).__name__}: {leaf}" if str(leaf) else error_text(leaf)

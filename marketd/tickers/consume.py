@@ -4,8 +4,9 @@ Receives batches from the feed (a worker thread blocking in poll), validates eac
 -> DLQ), keeps the tracked symbols, collapses the batch to the newest acceptable record per symbol
 (rules.py) and writes it with one conditional pipeline (store.py). At-least-once: offsets are
 committed only after the write succeeded; while Redis is down the partitions are paused and the
-held batch is retried with backoff. On drain it commits what it stored, closes the consumer and
-returns.
+held batch is retried with backoff. It reports started at once and waits for Redis (forever,
+capped backoff) before subscribing; Redis or Kafka out of reach is reported in `rt.health` with
+the reason, never raised. On drain it commits what it stored, closes the consumer and returns.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import msgspec
 import trio
 
 from marketd.backoff import Backoff
-from marketd.errors import ConfigError, StoreUnavailable
+from marketd.errors import ConfigError, KafkaUnavailable, StoreUnavailable
+from marketd.health import Dependency, address, error_text
 from marketd.kafka.client import consumer_settings, is_embedded, producer_settings
 from marketd.logs import Throttle, get_logger
 from marketd.records import TickerRecord
@@ -37,9 +39,13 @@ COMPONENT: Final = "tickers"
 COMMIT_INTERVAL_S: Final = 0.2
 LAG_INTERVAL_S: Final = 1.0
 REDIS_TIMEOUT_S: Final = 2.0  # connect and per-reply bound: a hung Redis becomes an outage
-STARTUP_REDIS_WAIT_S: Final = 30.0  # Redis unreachable this long at start: fail (supervisor)
 OUTAGE_BACKOFF_INITIAL_S: Final = 0.1
 OUTAGE_BACKOFF_MAX_S: Final = 5.0
+# Idle checks: with no successful write (Redis) or no message (Kafka) for this long, ask the
+# service directly, so an outage shows in /readyz within seconds even when no ticker flows.
+REDIS_CHECK_S: Final = 2.0
+KAFKA_CHECK_S: Final = 3.0
+KAFKA_PROBE_TIMEOUT_S: Final = 2.0
 
 
 def _now_ms() -> int:
@@ -76,6 +82,11 @@ class TickerConsumer:
         self._outage_since: float | None = None
         self._outage_attempts = 0
         self._backoff = Backoff(OUTAGE_BACKOFF_INITIAL_S, OUTAGE_BACKOFF_MAX_S)
+        self.redis_at = address(rt.redis_url or "")
+        self.kafka_at = rt.kafka_bootstrap
+        self._redis_ok_at = trio.current_time()  # last successful Redis call
+        self._kafka_ok_at = trio.current_time()  # last message or answered metadata request
+        self._kafka_error: str | None = None  # why Kafka is out of reach, None while it answers
         self._consumed = self.metrics.consumed
         self._batch_size = self.metrics.batch_size.labels()
         self._write_latency = self.metrics.redis_write.labels()
@@ -103,10 +114,65 @@ class TickerConsumer:
             if now >= self._next_lag or self.state.consumer_lag is None:
                 self.state.consumer_lag = self.feed.lag()
                 self._next_lag = now + LAG_INTERVAL_S
+            if now - self._redis_ok_at >= REDIS_CHECK_S:
+                await self.check_redis()
+            if now - self._kafka_ok_at >= KAFKA_CHECK_S:
+                await self.check_kafka()
+
+    # -- health --------------------------------------------------------------------------------
+
+    def report(self) -> None:
+        """Healthy while Redis takes writes and Kafka answers; the reason names what does not."""
+        if self._outage_since is not None:
+            return  # _outage() reported Redis
+        if self._kafka_error is not None:
+            self.rt.health.set(COMPONENT, healthy=False, reason=self._kafka_error)
+        else:
+            self.rt.health.set(
+                COMPONENT, healthy=True, reason=f"consuming {self.feed.topic} into redis"
+            )
+
+    def redis_unreachable(self, exc: BaseException) -> str:
+        return f"redis unreachable at {self.redis_at}: {error_text(exc)}"
+
+    async def check_redis(self) -> None:
+        """Idle: no write succeeded lately. A failed PING is an outage like a failed write."""
+        try:
+            await self.redis_call(self.store.ping)
+        except StoreUnavailable as exc:
+            await self._outage(exc)
+            return
+        self._redis_ok_at = trio.current_time()
+        if self._outage_since is not None:
+            self._recovered()
+
+    async def check_kafka(self) -> None:
+        """No message lately: does a broker answer a metadata request for the topic?"""
+        try:
+            await self.feed.probe(KAFKA_PROBE_TIMEOUT_S)
+        except KafkaUnavailable as exc:
+            reason = f"kafka unreachable at {self.kafka_at}: {exc}"
+            if self._kafka_error is None:
+                log.warning("tickers.kafka_down", reason=reason)
+            self._kafka_error = reason
+            self.rt.health.dependency(Dependency.KAFKA, up=False, reason=reason)
+            self._kafka_ok_at = trio.current_time() - KAFKA_CHECK_S + 1.0  # ask again in 1 s
+            self.report()
+            return
+        self._kafka_seen()
+
+    def _kafka_seen(self) -> None:
+        self._kafka_ok_at = trio.current_time()
+        if self._kafka_error is not None:
+            log.info("tickers.kafka_back", topic=self.feed.topic)
+            self._kafka_error = None
+            self.rt.health.dependency(Dependency.KAFKA, up=True, reason="answering")
+            self.report()
 
     def accept(self, messages: list[Any]) -> None:
         """Validate and filter one fetched batch into the pending records."""
         self.state.last_message_ms = _now_ms()
+        self._kafka_seen()
         self._consumed.inc(self.feed.topic, len(messages))
         self._batch_size.observe(len(messages))
         tracked = self.tracked
@@ -153,6 +219,8 @@ class TickerConsumer:
                     if not await self._outage(exc):
                         return False
                     continue
+            if plan.writes:
+                self._redis_ok_at = trio.current_time()
             if self._outage_since is not None:
                 self._recovered()
             self._account(plan, results)
@@ -214,10 +282,12 @@ class TickerConsumer:
             self._backoff.reset()
             self._outage_attempts = 0
             self.state.redis_up = False
-            self.rt.health.set(COMPONENT, healthy=False, detail=f"redis unavailable: {exc}"[:300])
+            reason = self.redis_unreachable(exc)
+            self.rt.health.set(COMPONENT, healthy=False, reason=reason[:300])
+            self.rt.health.dependency(Dependency.REDIS, up=False, reason=reason[:300])
             log.warning(
                 "tickers.redis_down",
-                reason=str(exc),
+                reason=reason,
                 held=len(self._pending),
                 detail="consumption paused; retrying with backoff; nothing is committed",
             )
@@ -247,7 +317,8 @@ class TickerConsumer:
         self._outage_since = None
         self.state.redis_up = True
         self.feed.resume()
-        self.rt.health.set(COMPONENT, healthy=True, detail=f"consuming {self.feed.topic}")
+        self.rt.health.dependency(Dependency.REDIS, up=True, reason=f"answering at {self.redis_at}")
+        self.report()
         log.info(
             "tickers.redis_back",
             down_s=round(down_s, 3),
@@ -257,21 +328,27 @@ class TickerConsumer:
 
 
 async def _wait_for_redis(rt: Runtime, consumer: TickerConsumer) -> bool:
-    """Ping until Redis answers (True), drain (False), or STARTUP_REDIS_WAIT_S (raises)."""
-    backoff = Backoff(0.2, 5.0)
-    give_up = trio.current_time() + STARTUP_REDIS_WAIT_S
+    """Ping until Redis answers (True) or a drain is requested (False): no give-up, an
+    unreachable Redis is reported in rt.health for as long as it lasts."""
+    backoff = Backoff(OUTAGE_BACKOFF_INITIAL_S * 2, OUTAGE_BACKOFF_MAX_S)
     logged = False
     while True:
         try:
             await consumer.redis_call(consumer.store.ping)
+            rt.health.dependency(
+                Dependency.REDIS, up=True, reason=f"answering at {consumer.redis_at}"
+            )
             return True
         except StoreUnavailable as exc:
-            if trio.current_time() >= give_up:
-                raise
+            reason = consumer.redis_unreachable(exc)
+            rt.health.set(COMPONENT, healthy=False, reason=reason[:300])
+            rt.health.dependency(Dependency.REDIS, up=False, reason=reason[:300])
             if not logged:
                 logged = True
                 log.warning(
-                    "tickers.redis_waiting", reason=str(exc), give_up_after_s=STARTUP_REDIS_WAIT_S
+                    "tickers.redis_waiting",
+                    reason=reason,
+                    detail="not consuming until Redis answers; retrying with backoff",
                 )
             with trio.move_on_after(backoff.delay()):
                 await rt.draining.wait()
@@ -282,11 +359,12 @@ async def _wait_for_redis(rt: Runtime, consumer: TickerConsumer) -> bool:
 async def run_tickers(
     rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Component entry point: started() once subscribed and Redis answered; returns on drain."""
+    """Component entry point: started() at once; consumes once Redis answers; returns on drain."""
     cfg = rt.config
     if rt.redis_url is None:
         raise ConfigError("redis.url", "runtime", "the ticker consumer needs Redis; none resolved")
-    rt.health.set(COMPONENT, started=False, healthy=False, detail="starting")
+    rt.health.set(COMPONENT, started=True, healthy=False, reason="starting")
+    task_status.started()
     state, metrics = ticker_state.attach(rt)
     embedded = is_embedded(cfg.kafka.bootstrap_servers)
     settings = consumer_settings(
@@ -304,12 +382,11 @@ async def run_tickers(
         consumer = TickerConsumer(rt, feed, store, dlq)
         try:
             if not await _wait_for_redis(rt, consumer):
-                task_status.started()
                 return
             feed.subscribe()
             state.running = True
             state.redis_up = True
-            rt.health.set(COMPONENT, started=True, healthy=True, detail=f"consuming {feed.topic}")
+            consumer.report()
             log.info(
                 "tickers.started",
                 topic=feed.topic,
@@ -317,7 +394,6 @@ async def run_tickers(
                 symbols=len(consumer.tracked),
                 fetch_wait_max_ms=settings["fetch.wait.max.ms"],
             )
-            task_status.started()
             await consumer.run()
         finally:
             state.running = False
@@ -328,4 +404,4 @@ async def run_tickers(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
-        rt.health.set(COMPONENT, healthy=False, detail="stopped")
+        rt.health.set(COMPONENT, healthy=False, reason="stopped")

@@ -66,7 +66,7 @@ class TickerFeed:
         self.topic = topic
         self.max_batch = max_batch
         self.poll_timeout_s = poll_timeout_s
-        settings = {**settings, "on_commit": self._on_commit}
+        settings = {**settings, "on_commit": self._on_commit, "error_cb": self._on_error}
         self._consumer = consumer_factory(settings)
         self._limiter = trio.CapacityLimiter(1)
         self._throttle = Throttle(60.0)
@@ -75,6 +75,9 @@ class TickerFeed:
         # inside poll()/consume() (so in the worker thread, never concurrently with trio's use).
         self.assigned: set[TopicPartition] = set()
         self.paused = False
+        # The last client-level error (librdkafka's error_cb: "Connect to ... failed: Connection
+        # refused", "all brokers down"), to name the cause when a probe finds Kafka unreachable.
+        self.last_error: str | None = None
 
     # -- rebalance callbacks (worker thread, inside poll) ---------------------------------------
 
@@ -99,6 +102,11 @@ class TickerFeed:
             # After a rebalance the new owner re-reads from the last committed offset: at worst
             # duplicates, which the conditional write skips.
             log.warning("tickers.commit_failed", reason=reason, partitions=_names(partitions))
+
+    def _on_error(self, err: confluent_kafka.KafkaError) -> None:
+        self.last_error = err.str()
+        if self._throttle.should_log(f"client:{err.code()}", time.monotonic()) is not None:
+            log.warning("tickers.kafka_client_error", error=err.str(), fatal=err.fatal())
 
     # -- trio side -------------------------------------------------------------------------------
 
@@ -137,6 +145,24 @@ class TickerFeed:
                 error=err.str(),
                 retriable=is_retriable(err),
             )
+
+    async def probe(self, timeout_s: float) -> None:
+        """Raise KafkaUnavailable unless a broker answers a metadata request for the topic
+        within `timeout_s` (worker thread, between fetches: same limiter as poll)."""
+
+        def ask() -> None:
+            try:
+                self._consumer.list_topics(self.topic, timeout=timeout_s)
+            except confluent_kafka.KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                text = err.str() if isinstance(err, confluent_kafka.KafkaError) else str(exc)
+                if self.last_error:
+                    text = f"{text} (last client error: {self.last_error})"
+                raise KafkaUnavailable(f"no metadata answer in {timeout_s:g}s: {text}") from exc
+            self.last_error = None
+
+        if not self._closed:
+            await trio.to_thread.run_sync(ask, limiter=self._limiter)
 
     def commit(self, next_offsets: Mapping[TopicPartition, int]) -> int:
         """Asynchronous commit of the owned partitions; returns how many were committed."""

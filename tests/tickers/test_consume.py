@@ -59,11 +59,14 @@ def names() -> dict[str, str]:
 
 
 @asynccontextmanager
-async def running(rt: Runtime) -> AsyncIterator[None]:
-    """run_tickers in a nursery; drained (and awaited) when the block ends."""
+async def running(rt: Runtime, *, wait_healthy: bool = True) -> AsyncIterator[None]:
+    """run_tickers in a nursery (healthy: Redis answered, subscribed); drained (and awaited)
+    when the block ends."""
     async with trio.open_nursery() as nursery:
         with trio.fail_after(30):
             await nursery.start(run_tickers, rt)
+        if wait_healthy:
+            await eventually(lambda: rt.health.components["tickers"].healthy, what="healthy")
         try:
             yield
         finally:
@@ -259,6 +262,33 @@ async def test_redis_outage_loses_nothing_and_commits_nothing_unstored(
         await eventually(lambda: event_time(client, "BNBUSDT") == t + 1)
         assert event_time(client, "BTCUSDT") == t + 14
     client.close()
+
+
+async def test_redis_down_at_start_is_a_state_not_a_failure(kafka: TestKafka) -> None:
+    """Started at once; unhealthy with the reason for as long as Redis is away (no give-up);
+    consumes once redis-server appears on that port."""
+    n = names()
+    server = RedisProcess()  # the port is chosen, nothing listens yet
+    rt = make_rt(kafka, server, n)
+    t = now_ms()
+    try:
+        async with running(rt, wait_healthy=False):
+            health = rt.health.components["tickers"]
+            assert health.started and not health.healthy
+            await eventually(lambda: "unreachable" in health.reason, what="redis reason")
+            assert health.reason.startswith(f"redis unreachable at 127.0.0.1:{server.port}: ")
+            assert "Connection refused" in health.reason
+            assert health.view()["reason"].endswith("Z")  # "..., since 12:48:06Z"
+            assert not rt.health.dependencies["redis"].up
+            await produce(kafka, n["KAFKA_TICKER_TOPIC"], records(ticker("BTCUSDT", t)))
+            await trio.to_thread.run_sync(server.start)
+            client = redis_client(server)
+            await eventually(lambda: event_time(client, "BTCUSDT") == t, what="stored")
+            await eventually(lambda: health.healthy, what="healthy again")
+            assert rt.health.dependencies["redis"].up
+            client.close()
+    finally:
+        server.close()
 
 
 async def test_restarted_consumer_resumes_from_committed_offsets(
