@@ -241,7 +241,7 @@ async def test_an_original_given_up_after_its_shadow_was_read_is_sent_once(
         kafka.auto_ack = False
         kafka.up = True  # metadata answers, produce acks do not: the replay reads the shadows
         await trio.sleep(1)
-        assert len(sp._stash) == 3  # white-box: the path under test, not the early one
+        assert sp.core.stashed == 3  # white-box: the path under test, not the early one
         kafka.up = False
         kafka.give_up()  # the originals fail: their copies go out instead
         kafka.up = kafka.auto_ack = True
