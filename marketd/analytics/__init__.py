@@ -1,0 +1,1 @@
+"""The analytics side of the one-command run: embedded PostgreSQL and the Spark jobs' launcher."""

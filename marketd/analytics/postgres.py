@@ -1,0 +1,230 @@
+"""A private PostgreSQL server: the `analytics.postgres_dsn = "embedded"` setting.
+
+`PostgresCluster` runs initdb in a temporary (or a configured, kept) directory, starts the server
+on 127.0.0.1 and a free port with `pg_ctl`, and stops it on close (fast shutdown, then immediate).
+initdb refuses to run as root: as root the server runs as the `postgres` user (runuser).
+`apply_migrations` brings the analytics tables up to date from spark/migrations/*.sql.
+`embedded_postgres` wraps both for the trio daemon and yields the DSN.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from marketd.errors import FatalComponentError, MissingDependency
+from marketd.logs import get_logger
+from marketd.tickers.redis_server import free_port
+
+log = get_logger(__name__)
+
+INSTALL_HINT = (
+    "install the server with: apt-get install postgresql (Debian/Ubuntu) or brew install postgresql"
+)
+# The Spark jobs' migrations (spark/migrations/*.sql) in this checkout.
+MIGRATIONS = Path(__file__).resolve().parents[2] / "spark" / "migrations"
+# Shared with spark/marketd_spark/sinks/postgres.py (spark/ and marketd import nothing from each
+# other): the same schema_migrations table and advisory lock, so either side may migrate first.
+_MIGRATION_LOCK = 0x6D61726B
+_RUN_AS = "postgres"
+
+
+def find_bindir() -> Path:
+    """The directory of initdb and pg_ctl: $POSTGRES_BINDIR, Debian's newest
+    /usr/lib/postgresql/<version>/bin, else PATH."""
+    candidates = [os.environ.get("POSTGRES_BINDIR", "")]
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True)
+    for c in candidates:
+        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
+            return Path(c)
+    initdb = shutil.which("initdb")
+    if initdb and shutil.which("pg_ctl"):
+        return Path(initdb).parent
+    raise MissingDependency(f"PostgreSQL (initdb, pg_ctl) not found; {INSTALL_HINT}")
+
+
+def _version(path: str) -> int:
+    try:
+        return int(Path(path).parent.name.split(".")[0])
+    except ValueError:
+        return 0
+
+
+class PostgresCluster:
+    """A PostgreSQL server of our own on 127.0.0.1:<port>, trust auth for user `postgres`."""
+
+    def __init__(self, directory: str | Path | None = None, port: int | None = None) -> None:
+        self.bindir = find_bindir()
+        self.port = port or free_port()
+        self._as_root = os.geteuid() == 0
+        if self._as_root:
+            try:
+                pwd.getpwnam(_RUN_AS)
+            except KeyError:
+                raise MissingDependency(
+                    f"running as root, and there is no '{_RUN_AS}' user to run PostgreSQL as "
+                    f"(initdb refuses root); {INSTALL_HINT}"
+                ) from None
+        # Sockets go in a short private path (unix socket paths are limited to ~100 bytes).
+        self._sockdir = Path(tempfile.mkdtemp(prefix="marketd-pgs-"))
+        self._temporary = directory is None
+        self.root = (
+            Path(tempfile.mkdtemp(prefix="marketd-pg-"))
+            if directory is None
+            else Path(directory).resolve()
+        )
+        self.datadir = self.root / "data"
+        self.started = False
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *argv: str, timeout_s: float = 120.0) -> None:
+        cmd = [str(a) for a in argv]
+        if self._as_root:
+            cmd = ["runuser", "-u", _RUN_AS, "--", *cmd]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"{Path(argv[0]).name} failed (exit {res.returncode}): "
+                f"{(res.stderr or res.stdout).strip()[-800:]}"
+            )
+
+    def start(self) -> PostgresCluster:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self._as_root:
+            for path in (self.root, self._sockdir):
+                shutil.chown(path, _RUN_AS, _RUN_AS)
+            reach = subprocess.run(
+                ["runuser", "-u", _RUN_AS, "--", "test", "-w", str(self.root)], check=False
+            )
+            if reach.returncode != 0:
+                raise RuntimeError(
+                    f"the '{_RUN_AS}' user cannot write {self.root} (a parent directory is not "
+                    "searchable by others, e.g. /root); set analytics.postgres_dir to a directory "
+                    "under /var/lib or /srv, or leave it empty for a temporary cluster"
+                )
+        fresh = not (self.datadir / "PG_VERSION").exists()
+        if fresh:
+            self._run(
+                str(self.bindir / "initdb"),
+                *("-D", str(self.datadir), "-U", "postgres", "--auth=trust"),
+                *("-E", "UTF8", "--locale=C"),
+                *(("--no-sync",) if self._temporary else ()),
+            )
+        options = [
+            f"-p {self.port}",
+            f"-k {self._sockdir}",
+            "-c listen_addresses=127.0.0.1",
+            "-c max_connections=50",
+        ]
+        if self._temporary:
+            # Thrown away on exit: durability buys nothing, and fsync is slow on shared disks.
+            options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            *("-D", str(self.datadir), "-o", " ".join(options)),
+            *("-w", "-t", "60", "-l", str(self.root / "server.log"), "start"),
+        )
+        self.started = True
+        log.info(
+            "postgres.embedded_started",
+            dsn=self.dsn,
+            data_dir=str(self.datadir),
+            initdb=fresh,
+            persistence="none (temporary directory)" if self._temporary else "kept",
+        )
+        return self
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        pg_ctl = str(self.bindir / "pg_ctl")
+        try:
+            self._run(pg_ctl, "-D", str(self.datadir), "-m", "fast", "-w", "-t", "20", "stop")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            self._run(pg_ctl, "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+            if self._temporary:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PostgresCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def apply_migrations(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
+    """Apply the *.sql files not applied yet (schema_migrations), in name order; returns them."""
+    import psycopg
+
+    applied: list[str] = []
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
+            for path in sorted(directory.glob("*.sql")):
+                if path.name in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(path.read_text(encoding="utf-8").encode())
+                    conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
+                applied.append(path.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied
+
+
+@asynccontextmanager
+async def embedded_postgres(directory: str = "") -> AsyncIterator[str]:
+    """Start a private PostgreSQL (in `directory`, or a temporary one), migrate it, yield its DSN;
+    stop it on exit."""
+    import psycopg
+
+    cluster = PostgresCluster(directory or None)
+    try:
+        try:
+            await trio.to_thread.run_sync(cluster.start)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            raise FatalComponentError(f"embedded PostgreSQL did not start: {exc}") from exc
+        if MIGRATIONS.is_dir():
+            try:
+                applied = await trio.to_thread.run_sync(apply_migrations, cluster.dsn)
+            except psycopg.Error as exc:
+                raise FatalComponentError(f"embedded PostgreSQL: migration failed: {exc}") from exc
+            log.info("postgres.migrated", applied=",".join(applied) or "none (up to date)")
+        else:
+            log.warning(
+                "postgres.no_migrations",
+                directory=str(MIGRATIONS),
+                detail="not a source checkout: the Spark jobs create the tables when they start",
+            )
+        yield cluster.dsn
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(cluster.close)
+        log.info("postgres.embedded_stopped", dsn=cluster.dsn)
+
+
+__all__ = ["INSTALL_HINT", "PostgresCluster", "apply_migrations", "embedded_postgres"]
