@@ -27,6 +27,38 @@ GRACEFUL_TIMEOUT_S: Final = 5.0  # in-flight requests get this long after the dr
 KEEP_ALIVE_S: Final = 5.0
 
 
+class CloseAfterResponse:
+    """ASGI middleware: the send that ends a response is shielded from the app's cancellation.
+
+    Quart-Trio runs each request as two tasks in one nursery: one sends the response, one waits
+    for `http.disconnect` and cancels the nursery when it comes. Hypercorn-trio delivers that
+    disconnect from *inside* the app's last `send`, which then goes on to close the socket (for
+    HTTP/1.0 and `Connection: close`) or to arm the keep-alive timer. The cancellation lands on
+    the next checkpoint of that very send, so the socket was never closed and the idle timer
+    never armed: such clients hung until they gave up, and idle connections stayed open for
+    ever (one file descriptor each). Shielding that last send lets Hypercorn finish its own
+    bookkeeping; the send does not block on the client (Hypercorn writes with its own shield).
+    Upstream: pgjones/hypercorn issue #330 ("Connection:close ignored?").
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_last_shielded(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await self.app(scope, receive, send_last_shielded)
+
+
 def hypercorn_config(host: str, port: int) -> HyperConfig:
     config = HyperConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -64,7 +96,7 @@ async def run_api(
     """Component entry point: started() once listening; returns after the drain."""
     cfg = rt.config.api
     rt.health.set(API_COMPONENT, started=False, healthy=False, detail="starting")
-    app = create_app(rt)
+    app = CloseAfterResponse(create_app(rt))
     try:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(
