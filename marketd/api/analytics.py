@@ -20,9 +20,10 @@ import psycopg
 import redis
 import trio
 from psycopg.rows import dict_row
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, current_app, jsonify, request
 
 from marketd.api.views import BadSymbol, normalise_symbol
+from marketd.health import Dependency, error_text
 from marketd.logs import Throttle, get_logger
 from marketd.runtime import Runtime
 
@@ -43,6 +44,10 @@ PG_THREADS: Final = 4
 REDIS_THREADS: Final = 4
 PG_CONNECT_TIMEOUT_S: Final = 5
 PG_STATEMENT_TIMEOUT_MS: Final = 5000
+# With POSTGRES_DSN set, PostgreSQL is asked (SELECT 1) this often, so /readyz's `analytics`
+# entry shows an outage, and its end, within seconds even when no analytics request comes.
+PG_PROBE_S: Final = 5.0
+ANALYTICS: Final = "analytics"
 
 
 class BadRequest(ValueError):
@@ -133,6 +138,10 @@ class _PgPool:
             conn.close()
         return rows
 
+    def ping(self) -> None:
+        with self._connect() as conn:
+            conn.execute("SELECT 1")
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
@@ -140,10 +149,26 @@ class _PgPool:
             conn.close()
 
 
+def _pg_address(dsn: str) -> str:
+    """host:port of a DSN (URL or key=value form), never its credentials."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the configured POSTGRES_DSN"
+    host = str(info.get("host") or "localhost")
+    return f"{host}:{info.get('port') or 5432}"
+
+
 class _Stores:
     def __init__(self, rt: Runtime) -> None:
         dsn = rt.config.analytics.postgres_dsn
+        self.rt = rt
         self.pg = _PgPool(dsn, PG_THREADS) if dsn else None
+        self.pg_at = _pg_address(dsn) if dsn else ""
+        self.pg_problem: str | None = None
+        self.probe_scope = trio.CancelScope()
+        if self.pg is not None:
+            rt.health.set(ANALYTICS, started=True, healthy=False, reason="starting")
         self.pg_limiter = trio.CapacityLimiter(PG_THREADS)
         self.redis = (
             redis.Redis.from_url(rt.redis_url, socket_timeout=5, decode_responses=True)
@@ -159,16 +184,61 @@ class _Stores:
         if pg is None:
             raise Unavailable("POSTGRES_DSN is not set")
         try:
-            return await trio.to_thread.run_sync(pg.fetch, query, params, limiter=self.pg_limiter)
+            rows = await trio.to_thread.run_sync(pg.fetch, query, params, limiter=self.pg_limiter)
         except psycopg.OperationalError as exc:
             self._warn("postgres", exc)
-            raise Unavailable("PostgreSQL did not answer") from exc
+            self.pg_report(exc)
+            raise Unavailable(self.pg_problem or "PostgreSQL did not answer") from exc
         except psycopg.errors.UndefinedTable as exc:
             # No Spark job (nor spark/migrate.py) has run against this database yet.
             self._warn("postgres", exc)
             raise Unavailable(
                 "the analytics tables do not exist yet: run python spark/migrate.py --dsn ..."
             ) from exc
+        self.pg_report(None)
+        return rows
+
+    def pg_report(self, exc: BaseException | None) -> None:
+        """PostgreSQL reachability -> the `analytics` entry of /readyz and `postgres`."""
+        if exc is None:
+            if self.pg_problem is not None:
+                log.info("api.postgres_back", postgres=self.pg_at)
+            self.pg_problem = None
+        else:
+            # psycopg's message carries the connection attempt's own words (refused, timeout).
+            text = " ".join(error_text(exc).split())[:240]
+            if self.pg_problem is None:
+                log.warning("api.postgres_down", postgres=self.pg_at, error=text)
+            self.pg_problem = f"postgres unreachable at {self.pg_at}: {text}"
+        problem = self.pg_problem
+        self.rt.health.dependency(
+            Dependency.POSTGRES, up=problem is None, reason=problem or "answering"
+        )
+        self.rt.health.set(
+            ANALYTICS,
+            started=True,
+            healthy=problem is None,
+            reason=f"{problem}; analytics endpoints answer 503"
+            if problem
+            else f"postgres answering at {self.pg_at}",
+        )
+
+    async def probe_forever(self) -> None:
+        """SELECT 1 every PG_PROBE_S (bounded by the connect and statement timeouts)."""
+        pg = self.pg
+        if pg is None:
+            return
+        with self.probe_scope:
+            while True:
+                try:
+                    # Its own short-lived connection, closed in the thread: a probe abandoned at
+                    # shutdown then leaves nothing behind in the pool.
+                    await trio.to_thread.run_sync(pg.ping, abandon_on_cancel=True)
+                except psycopg.Error as exc:
+                    self.pg_report(exc)
+                else:
+                    self.pg_report(None)
+                await trio.sleep(PG_PROBE_S)
 
     async def redis_call(self, fn: Callable[[redis.Redis], T]) -> T:
         client = self.redis
@@ -233,8 +303,15 @@ def create_blueprint(rt: Runtime) -> Blueprint:
     bp = Blueprint("analytics", __name__)
     stores = _Stores(rt)
 
+    @bp.before_app_serving
+    async def _probe() -> None:
+        nursery: trio.Nursery = current_app.nursery  # type: ignore[attr-defined]  # QuartTrio
+        nursery.start_soon(stores.probe_forever)
+
     @bp.after_app_serving
     async def _close() -> None:
+        stores.probe_scope.cancel()
+        rt.health.forget(ANALYTICS)
         await trio.to_thread.run_sync(stores.close)
 
     @bp.errorhandler(BadRequest)

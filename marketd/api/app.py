@@ -259,22 +259,15 @@ def create_app(rt: Runtime, *, reader: TickerReader | None = None) -> QuartTrio:
 
     @app.get("/readyz")
     async def readyz() -> Response:
+        # Every enabled component, plus the parts with a dependency of their own (backfill:
+        # Binance REST, analytics: PostgreSQL): healthy, a reason naming the dependency and
+        # the error, since when. 503 while any is unhealthy (marketd/health.py).
         enabled = cfg.components.enabled()
-        ready = rt.health.ready(enabled)
-        components = {}
-        for name in enabled:
-            h = rt.health.components.get(name)
-            components[name] = (
-                {"started": False, "healthy": False, "detail": "not started"}
-                if h is None
-                else {
-                    "started": h.started,
-                    "healthy": h.healthy,
-                    "detail": h.detail,
-                    "since_ms": h.since_ms,
-                }
-            )
-        return _json({"ready": ready, "components": components}, 200 if ready else 503)
+        components = rt.health.entries(enabled)
+        ready = all(c["started"] and c["healthy"] for c in components.values())
+        dependencies = {n: d.view() for n, d in sorted(rt.health.dependencies.items())}
+        body = {"ready": ready, "components": components, "dependencies": dependencies}
+        return _json(body, 200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

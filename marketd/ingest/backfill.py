@@ -98,8 +98,11 @@ class Backfiller:
         backoff_max_s: float = 30.0,
         metrics: MetricsFactory | None = None,
         wall_ms: Callable[[], int] = _wall_ms,
+        on_rest: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self.rest = rest
+        # Told of every call's outcome (None: answered, else the transient error): REST health.
+        self.on_rest = on_rest
         self.deliver = deliver
         self.give_up_after_s = give_up_after_s
         self.backoff_initial_s = backoff_initial_s
@@ -284,11 +287,16 @@ class Backfiller:
             # A long 429/418 block waits inside the budget: the deadline bounds that too.
             with trio.move_on_at(deadline):
                 try:
-                    return await fn(*args, **kw)
+                    result = await fn(*args, **kw)
+                    if self.on_rest is not None:
+                        self.on_rest(None)
+                    return result
                 except RestRejected as exc:
                     log.error("backfill.rejected", error=str(exc))
                     raise _GiveUp("rest_rejected") from exc
                 except TransientError as exc:
+                    if self.on_rest is not None:
+                        self.on_rest(exc)
                     reason = _reason(exc)
                     self._log_retry(reason, exc)
                     delay = backoff.delay()
@@ -325,10 +333,13 @@ async def run_backfill(
     give_up_after_s: float,
     concurrency: int = 4,
     metrics: MetricsFactory | None = None,
+    on_rest: Callable[[BaseException | None], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve requests until `requests_rx` closes and the running ones have finished."""
-    backfiller = Backfiller(rest, deliver, give_up_after_s=give_up_after_s, metrics=metrics)
+    backfiller = Backfiller(
+        rest, deliver, give_up_after_s=give_up_after_s, metrics=metrics, on_rest=on_rest
+    )
     slots = trio.Semaphore(concurrency)
 
     async def serve(request: Request) -> None:

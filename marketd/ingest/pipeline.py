@@ -10,7 +10,7 @@ spool when Kafka could not take it (or the flush bound passed, which is logged w
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -21,10 +21,11 @@ from marketd.ingest.batch import Batch, BatchPolicy, run_batcher
 from marketd.ingest.decode import Decoder, Frame, Outgoing, Topics
 from marketd.ingest.limits import TokenBucket
 from marketd.ingest.produce import KafkaSink, ProduceStats, run_producer
-from marketd.ingest.source import SourceMetrics, run_connection
+from marketd.ingest.source import ConnectionState, SourceMetrics, run_connection
 from marketd.ingest.spooling import SpoolingProducer, spool_trade_tail
 from marketd.ingest.streams import StreamSpec, parse_streams, shard_streams, split_connections
 from marketd.ingest.tape import Reconnected, Request, TapeKeeper
+from marketd.ingest.watch import BACKFILL, KafkaCheck, RestWatch, watch_ingest
 from marketd.kafka.client import consumer_settings, is_embedded, producer_settings
 from marketd.kafka.tail import trade_tail
 from marketd.logs import get_logger
@@ -183,27 +184,38 @@ async def _run_backfill(
     results_tx: trio.MemorySendChannel[Inbound],
     scope: trio.CancelScope,
 ) -> None:
-    """The REST backfill worker; its results go back to the decoder in frame order."""
+    """The REST backfill worker; its results go back to the decoder in frame order. Binance
+    REST's reachability (calls and a periodic ping) is reported as the `backfill` entry."""
     cfg = rt.config
     with scope:
         async with results_tx, requests_rx:
             if not cfg.backfill.enabled:
                 await trio.sleep_forever()
+            watch = RestWatch(rt)
             budget = WeightBudget(cfg.backfill.weight_budget_per_min, metrics=rt.metrics)
-            async with BinanceRest(
-                cfg.binance.rest_url,
-                budget,
-                timeout_s=cfg.backfill.request_timeout_s,
-                metrics=rt.metrics,
-            ) as rest:
-                await run_backfill(
-                    requests_rx,
-                    rest,
-                    results_tx.send,
-                    give_up_after_s=cfg.backfill.give_up_after_s,
-                    concurrency=cfg.backfill.concurrency,
-                    metrics=rt.metrics,
-                )
+            try:
+                async with (
+                    BinanceRest(
+                        cfg.binance.rest_url,
+                        budget,
+                        timeout_s=cfg.backfill.request_timeout_s,
+                        metrics=rt.metrics,
+                    ) as rest,
+                    trio.open_nursery() as nursery,
+                ):
+                    nursery.start_soon(watch.probe_forever, rest.ping)
+                    await run_backfill(
+                        requests_rx,
+                        rest,
+                        results_tx.send,
+                        give_up_after_s=cfg.backfill.give_up_after_s,
+                        concurrency=cfg.backfill.concurrency,
+                        metrics=rt.metrics,
+                        on_rest=watch.observe,
+                    )
+                    nursery.cancel_scope.cancel()
+            finally:
+                rt.health.forget(BACKFILL)
 
 
 def _buffered(channel: trio.MemorySendChannel[Any]) -> int:
@@ -278,7 +290,9 @@ async def run_ingest(
             shard=str(cfg.shard),
             detail="this shard owns none of the configured streams",
         )
-    rt.health.set("ingest", started=False, healthy=False, detail="starting")
+    # Started now: what follows may wait on Kafka (the topic's tail), which is health, not start.
+    rt.health.set("ingest", started=True, healthy=False, reason="starting")
+    task_status.started()
     spool = await _open_spool(rt)
     sink = KafkaSink(
         producer_settings(cfg.kafka, rt.kafka_bootstrap),
@@ -288,7 +302,7 @@ async def run_ingest(
         dlq_max_raw_bytes=cfg.dlq.max_raw_bytes,
     )
     try:
-        await _run_ingest(rt, connections, specs, spool, sink, task_status)
+        await _run_ingest(rt, connections, specs, spool, sink)
     finally:
         # Also after a failure: a restarted component must not leave a producer behind that
         # keeps its connections and retries.
@@ -303,7 +317,6 @@ async def _run_ingest(
     specs: tuple[StreamSpec, ...],
     spool: Spool | None,
     sink: KafkaSink,
-    task_status: trio.TaskStatus[None],
 ) -> None:
     cfg = rt.config
     stats = sink.stats
@@ -321,6 +334,12 @@ async def _run_ingest(
         gap_grace_s=cfg.backfill.gap_grace_s,
         max_held=cfg.backfill.max_held_per_symbol,
         metrics=rt.metrics,
+    )
+    rt.health.set(
+        "ingest",
+        started=True,
+        healthy=False,
+        reason=f"starting: reading the trades topic's tail from kafka at {rt.kafka_bootstrap}",
     )
     topic_tail = await _topic_tail(rt)
     seeds = await _published_trade_ids(rt, spool, topic_tail)
@@ -350,6 +369,9 @@ async def _run_ingest(
     source_metrics = SourceMetrics.create(rt.metrics)
     attempts = TokenBucket(cfg.binance.connect_attempts_per_5min, 300.0)
     stop_reading = trio.Event()
+    links = [ConnectionState() for _ in connections]
+    kafka_check = KafkaCheck(sink, rt.kafka_bootstrap, spooling=spool is not None)
+    watch_scope = trio.CancelScope()
 
     async with trio.open_nursery() as nursery:
         if spool is None:
@@ -390,12 +412,18 @@ async def _run_ingest(
                     attempts,
                     source_metrics,
                     stop_reading,
+                    links[conn_id],
                 )
-            rt.health.set(
-                "ingest",
-                started=True,
-                healthy=True,
-                detail=f"{len(specs)} streams on {len(connections)} connections",
+            nursery.start_soon(
+                _in_scope,
+                watch_scope,
+                functools.partial(
+                    watch_ingest,
+                    rt,
+                    links,
+                    kafka_check,
+                    f"{len(specs)} streams on {len(connections)} connections delivering to kafka",
+                ),
             )
             log.info(
                 "ingest.started",
@@ -404,9 +432,10 @@ async def _run_ingest(
                 shard=str(cfg.shard),
                 kafka=rt.kafka_bootstrap,
             )
-            task_status.started()
             await rt.draining.wait()
             log.info("ingest.draining", detail="stopped reading; flushing what was accepted")
+            watch_scope.cancel()
+            rt.health.set("ingest", healthy=False, reason="draining")
             stop_reading.set()
         # Sources are done. Running backfills get a short grace to repair what they are
         # fetching; what is still missing then becomes gap records when the keeper flushes.
@@ -424,4 +453,9 @@ async def _run_ingest(
         ack_latency_p99_ms=round(latency.quantile(0.99) * 1000, 3),
         acked=latency.count,
     )
-    rt.health.set("ingest", healthy=False, detail="stopped")
+    rt.health.set("ingest", healthy=False, reason="stopped")
+
+
+async def _in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await fn()

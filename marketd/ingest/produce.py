@@ -117,6 +117,10 @@ class KafkaSink:
         # went from empty to busy), and whether librdkafka reported every broker down.
         self.progress_at = clock()
         self.brokers_down = False
+        # For the health watch: when Kafka last acknowledged a record (clock), and the last
+        # client-level error librdkafka reported ("Connect to ... failed: Connection refused").
+        self.acked_at: float | None = None
+        self.last_error: str | None = None
         # With a spool (see `track`): records not yet acknowledged, by produce sequence number;
         # those librdkafka gave up on; and a hook told of every resolution (seq, delivered),
         # which answers True when it took care of a failed record itself.
@@ -140,6 +144,7 @@ class KafkaSink:
         code = err.code()
         if code == confluent_kafka.KafkaError._ALL_BROKERS_DOWN:
             self.brokers_down = True
+        self.last_error = err.str()
         suppressed = self._throttle.should_log(f"error:{code}", time.monotonic())
         if suppressed is not None:
             log.warning(
@@ -165,7 +170,7 @@ class KafkaSink:
         if err is None:
             self.stats.delivered.inc(topic)
             self._latency.observe((time.time_ns() - recv_ns) / 1e9)
-            self.progress_at = self._clock()
+            self.progress_at = self.acked_at = self._clock()
             self.brokers_down = False
             if hook is not None:
                 hook(seq, True)
@@ -188,7 +193,7 @@ class KafkaSink:
     def delivered_replay(self, topic: str) -> None:
         """A spooled record was acknowledged (no latency sample: it waited out an outage)."""
         self.stats.delivered.inc(topic)
-        self.progress_at = self._clock()
+        self.progress_at = self.acked_at = self._clock()
         self.brokers_down = False
 
     def delivery_failed(self, msg: Any, err: confluent_kafka.KafkaError) -> None:
@@ -339,15 +344,23 @@ class KafkaSink:
     async def probe(self, timeout_s: float) -> bool:
         """Does a broker answer a metadata request within `timeout_s`? (worker thread)"""
 
+        producer = self._producer  # close() may drop it while an abandoned probe still runs
+
         def ask() -> bool:
+            if producer is None:
+                return False
             try:
-                self._producer.list_topics(timeout=timeout_s)
+                producer.list_topics(timeout=timeout_s)
             except confluent_kafka.KafkaException:
                 return False
             return True
 
         ok: bool = await self.run_blocking(ask)
         return ok
+
+    def ack_age_s(self) -> float | None:
+        """Seconds since Kafka last acknowledged a record; None before the first (health)."""
+        return None if self.acked_at is None else self._clock() - self.acked_at
 
     def in_flight(self) -> int:
         return len(self._producer)

@@ -22,7 +22,7 @@ import attrs
 import trio
 import trio_websocket
 from prometheus_client import Counter, Gauge
-from trio_websocket import ConnectionClosed, HandshakeError
+from trio_websocket import ConnectionClosed, ConnectionRejected, ConnectionTimeout, HandshakeError
 
 from marketd.backoff import Backoff
 from marketd.config import BinanceConfig, RotationConfig
@@ -91,9 +91,13 @@ class SourceMetrics:
 
 @attrs.define
 class ConnectionState:
-    """Shared between a connection's reader and its watchdogs."""
+    """Shared between a connection's reader, its watchdogs and the ingest health watch."""
 
     last_frame_ns: int = 0  # wall clock of the last frame: silence watchdog and metric
+    open: bool = False  # a socket of this connection is open now
+    silence_limit_s: float = math.inf  # for its stream kinds (silence_limit)
+    # Why the last socket ended (or never opened): "connect_failed: ConnectionRefusedError: ...".
+    last_error: str | None = None
 
 
 def silence_limit(cfg: BinanceConfig, streams: Sequence[StreamSpec]) -> float:
@@ -115,12 +119,15 @@ async def run_connection(
     attempts: TokenBucket,
     metrics: SourceMetrics,
     stop: trio.Event,
+    state: ConnectionState | None = None,
 ) -> None:
-    """Keep one connection up until `stop` is set; reconnect on any failure."""
+    """Keep one connection up until `stop` is set; reconnect on any failure. `state` (when
+    given) is kept up to date for the health watch."""
     url = stream_url(cfg.ws_url, streams, cfg.time_unit)
     backoff = Backoff(cfg.reconnect_initial_delay_s, cfg.reconnect_max_delay_s)
     conn = str(conn_id)
-    state = ConnectionState()
+    state = state or ConnectionState()
+    state.silence_limit_s = silence_limit(cfg, streams)
     metrics.last_frame.labels(conn).set_function(lambda: state.last_frame_ns / 1e9)
     lost_before = False
     async with frames_tx:
@@ -140,8 +147,10 @@ async def run_connection(
                 reason, detail = exc.reason, exc.detail
             finally:
                 metrics.connected.labels(conn).set(0)
+                state.open = False
             if stop.is_set():
                 break
+            state.last_error = f"{reason}: {detail}" if detail else reason
             metrics.reconnects.labels(conn, reason).inc()
             up_since = link.connected_at
             if up_since is not None and trio.current_time() - up_since >= cfg.healthy_after_s:
@@ -286,6 +295,8 @@ class _Link:
             ) as ws:
                 sock.opened_at = trio.current_time()
                 self.metrics.connected.labels(str(self.conn_id)).set(1)
+                self.state.open = True
+                self.state.last_error = None
                 log.info(
                     "ws.connected",
                     conn=self.conn_id,
@@ -360,11 +371,39 @@ def _connection_lost(exc: BaseException, connected_at: float | None) -> Connecti
             f"code={code} {text or ''}".strip(),
             connected_at,
         )
-    if isinstance(exc, HandshakeError):
-        return ConnectionLost("handshake_failed", str(exc), connected_at)
-    if isinstance(exc, trio.TooSlowError):
+    if isinstance(exc, ConnectionRejected):
+        body = (exc.body or b"")[:120].decode("utf-8", "replace")
+        return ConnectionLost(
+            "handshake_rejected", f"HTTP {exc.status_code} {body}".strip(), connected_at
+        )
+    if isinstance(exc, ConnectionTimeout | trio.TooSlowError):
         return ConnectionLost("connect_timeout", "no handshake in time", connected_at)
-    return ConnectionLost("connect_failed", f"{type(exc).__name__}: {exc}", connected_at)
+    if isinstance(exc, HandshakeError):
+        # trio-websocket raises a bare HandshakeError *from* the OSError (refused, DNS, TLS).
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OSError):
+            return ConnectionLost("connect_failed", _os_error(cause), connected_at)
+        return ConnectionLost("handshake_failed", _describe(exc), connected_at)
+    if isinstance(exc, OSError):
+        return ConnectionLost("connect_failed", _os_error(exc), connected_at)
+    return ConnectionLost("connect_failed", _describe(exc), connected_at)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else repr(exc)
+
+
+def _os_error(exc: OSError) -> str:
+    """`OSError: all attempts to connect to h:p failed` names its cause only in the group
+    behind it (one error per address tried): name the first one too."""
+    text = _describe(exc)
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        leaves = _leaves(cause)
+        if leaves:
+            text += f" ({_describe(leaves[0])})"
+    return text
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
