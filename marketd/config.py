@@ -477,9 +477,45 @@ class AnalyticsConfig:
         "",
         env="POSTGRES_DSN",
         secret=True,
-        help="PostgreSQL for the market/analytics API ('' = those endpoints answer 503)",
+        help="PostgreSQL for the market/analytics API and the Spark jobs: a DSN, 'embedded' (a "
+        "private, migrated PostgreSQL server) or '' (those endpoints answer 503)",
+    )
+    postgres_dir: str = setting(
+        "",
+        env="POSTGRES_EMBEDDED_DIR",
+        help="data directory of the embedded PostgreSQL, kept across runs ('' = a temporary one)",
     )
     redis_prefix: str = setting("analytics", help="key prefix of the Spark jobs' Redis sink")
+    spark_jobs: bool = setting(
+        False,
+        env="ANALYTICS_SPARK_JOBS",
+        help="run the three Spark jobs (spark/*.py) as supervised child processes reading this "
+        "process's Kafka and writing its PostgreSQL and Redis (marketd/analytics/jobs.py)",
+    )
+    spark_dir: str = setting("", help="the jobs' submit scripts ('' = spark/ of this checkout)")
+    spark_python: str = setting("", help="Python that runs the jobs ('' = marketd's own)")
+    spark_master: str = setting("local[1]", help="Spark master of each job")
+    kafka_reader: str = setting(
+        "auto",
+        check=_one_of("auto", "jvm", "python"),
+        help="the jobs' Kafka reader: auto = Spark's connector when on the classpath, else the "
+        "Python source",
+    )
+    state_dir: str = setting(
+        "analytics-state",
+        env="ANALYTICS_STATE_DIR",
+        help="the jobs' checkpoints, Parquet and logs (with the embedded Kafka: a temporary "
+        "directory, since its topics die with the process)",
+    )
+    trade_aggregation_args: tuple[str, ...] = setting(
+        [], help="extra flags for spark/trade_aggregation.py"
+    )
+    technical_indicators_args: tuple[str, ...] = setting(
+        [], help="extra flags for spark/technical_indicators.py"
+    )
+    anomaly_detection_args: tuple[str, ...] = setting(
+        [], help="extra flags for spark/anomaly_detection.py"
+    )
 
 
 @attrs.frozen

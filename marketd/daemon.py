@@ -48,12 +48,16 @@ def _components(cfg: Config) -> list[tuple[str, Callable[..., Awaitable[None]]]]
         from marketd.ingest.pipeline import run_ingest
 
         out.append(("ingest", run_ingest))
+    if cfg.analytics.spark_jobs:
+        from marketd.analytics.jobs import NAME, run_spark_jobs
+
+        out.append((NAME, run_spark_jobs))
     return out
 
 
 @asynccontextmanager
 async def _kafka(cfg: Config) -> AsyncIterator[str]:
-    needed = cfg.components.ingest or cfg.components.tickers
+    needed = cfg.components.ingest or cfg.components.tickers or cfg.analytics.spark_jobs
     if not needed or not is_embedded(cfg.kafka.bootstrap_servers):
         yield cfg.kafka.bootstrap_servers  # an API-only process talks to no Kafka
         return
@@ -72,7 +76,7 @@ async def _kafka(cfg: Config) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def _redis(cfg: Config) -> AsyncIterator[str | None]:
-    needed = cfg.components.tickers or cfg.components.api
+    needed = cfg.components.tickers or cfg.components.api or cfg.analytics.spark_jobs
     if not needed:
         yield None
         return
@@ -83,6 +87,19 @@ async def _redis(cfg: Config) -> AsyncIterator[str | None]:
 
     async with embedded_redis() as url:
         yield url
+
+
+@asynccontextmanager
+async def _postgres(cfg: Config) -> AsyncIterator[Config]:
+    """cfg with analytics.postgres_dsn = "embedded" replaced by a private server's DSN."""
+    needed = cfg.components.api or cfg.analytics.spark_jobs
+    if not needed or cfg.analytics.postgres_dsn.strip().lower() != "embedded":
+        yield cfg
+        return
+    from marketd.analytics.postgres import embedded_postgres, with_postgres_dsn
+
+    async with embedded_postgres(cfg.analytics.postgres_dir) as dsn:
+        yield with_postgres_dsn(cfg, dsn)
 
 
 async def _watch_signals(
@@ -142,6 +159,7 @@ async def run_daemon(cfg: Config, *, metrics: MetricsFactory | None = None) -> i
         async with AsyncExitStack() as stack:
             kafka = await stack.enter_async_context(_kafka(cfg))
             redis_url = await stack.enter_async_context(_redis(cfg))
+            cfg = await stack.enter_async_context(_postgres(cfg))
             rt = Runtime(cfg, metrics, kafka, redis_url)
             info = metrics.gauge("info", "static facts about this process", ["components", "shard"])
             info.labels(",".join(n for n, _ in components), cfg.ingest.shard).set(1)

@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import trio
 
+from marketd.config import Config
 from marketd.errors import FatalComponentError, MissingDependency
 from marketd.logs import get_logger
 from marketd.tickers.redis_server import free_port
@@ -196,6 +198,11 @@ def apply_migrations(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
     return applied
 
 
+def with_postgres_dsn(cfg: Config, dsn: str) -> Config:
+    """cfg with analytics.postgres_dsn resolved (what the API and the Spark jobs connect to)."""
+    return attrs.evolve(cfg, analytics=attrs.evolve(cfg.analytics, postgres_dsn=dsn))
+
+
 @asynccontextmanager
 async def embedded_postgres(directory: str = "") -> AsyncIterator[str]:
     """Start a private PostgreSQL (in `directory`, or a temporary one), migrate it, yield its DSN;
@@ -227,4 +234,10 @@ async def embedded_postgres(directory: str = "") -> AsyncIterator[str]:
         log.info("postgres.embedded_stopped", dsn=cluster.dsn)
 
 
-__all__ = ["INSTALL_HINT", "PostgresCluster", "apply_migrations", "embedded_postgres"]
+__all__ = [
+    "INSTALL_HINT",
+    "PostgresCluster",
+    "apply_migrations",
+    "embedded_postgres",
+    "with_postgres_dsn",
+]
