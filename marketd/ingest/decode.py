@@ -3,18 +3,21 @@
 Pure module (no trio, no Kafka). `Decoder.decode(frame, out)` appends `Outgoing` records to `out`:
 market data to its topic, rejected input to the dead-letter topic with a reason code. Control
 replies and errors are counted and logged, never published. Nothing raises out of `decode` for
-any input: the per-frame boundary turns every failure into a typed rejection.
+any input: the per-frame boundary turns every failure into a typed rejection, which names
+the stream (and is keyed by the symbol) whenever the envelope got that far.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
 import functools
 import json
 import re
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -29,9 +32,49 @@ log = get_logger(__name__)
 
 # Epoch ms of 2017-01-01: Binance opened in July 2017 and its REST API rejects earlier times.
 MIN_TIME_MS = 1_483_228_800_000
-# "Absurd" future: a day ahead is far beyond any clock skew, yet a kline's close time (up to a
-# month ahead for 1M) is checked against its open time instead.
-MAX_FUTURE_MS = 86_400_000
+# How far ahead of the local clock (at receipt) a record's times may be: the default of
+# `ingest.max_future_ms`, the bound Binance's own REST API applies to timestamps (README, "DLQ
+# reasons"). Beyond it a record is dead-lettered: a bogus future time would otherwise hold the
+# de-duplication gates behind it. A kline's close time (up to a month ahead for 1M) is checked
+# against its open time instead.
+MAX_FUTURE_MS: Final = 10_000
+# Ids, counts and times must fit the signed 64-bit integers of the downstream schemas (Spark,
+# PostgreSQL bigint); msgspec itself accepts integers of any size.
+INT64_MAX: Final = 2**63 - 1
+# Label of `marketd_ws_stream_frames_total` for frames of streams this process did not
+# subscribe: labels come only from the configuration, never from what upstream sends.
+OTHER_STREAM: Final = "other"
+# Longest stream name copied into a DLQ record (junk names may be as long as the frame).
+_DLQ_STREAM_CHARS = 256
+
+
+class Reason(enum.StrEnum):
+    """Why an input was dead-lettered: the DLQ record's `reason` and the metrics label.
+
+    Documented in the README ("DLQ reasons"); a test keeps the two lists equal.
+    """
+
+    BAD_JSON = "bad_json"
+    NOT_AN_OBJECT = "not_an_object"
+    WRONG_TYPE = "wrong_type"
+    MISSING_FIELD = "missing_field"
+    BAD_DECIMAL = "bad_decimal"
+    NEGATIVE_VALUE = "negative_value"
+    OUT_OF_RANGE = "out_of_range"
+    INCONSISTENT_VALUES = "inconsistent_values"
+    EVENT_TYPE_MISMATCH = "event_type_mismatch"
+    SYMBOL_MISMATCH = "symbol_mismatch"
+    INTERVAL_MISMATCH = "interval_mismatch"
+    ABSURD_TIMESTAMP = "absurd_timestamp"
+    DUPLICATE_KEY = "duplicate_key"
+    TOO_DEEP = "too_deep"
+    FRAME_TOO_LARGE = "frame_too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    UNSUPPORTED_STREAM = "unsupported_stream"
+    UNKNOWN_FRAME = "unknown_frame"
+    IMPLAUSIBLE_ID = "implausible_id"  # the trade gate's quarantine (continuity.py)
+    DELIVERY_FAILED = "delivery_failed"  # Kafka refused the record for good (produce.py)
+
 
 _UDEC = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _SDEC = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
@@ -62,7 +105,7 @@ class Outgoing(NamedTuple):
 class Reject(Exception):
     """Internal: a frame failed validation. `reason` is the DLQ/metrics code."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
@@ -147,7 +190,7 @@ def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise Reject("duplicate_key", f"key {key!r} appears twice in one object")
+            raise Reject(Reason.DUPLICATE_KEY, f"key {key!r} appears twice in one object")
         out[key] = value
     return out
 
@@ -155,14 +198,14 @@ def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _udec(value: str, name: str) -> str:
     if _UDEC.fullmatch(value) is None:
         if _SDEC.fullmatch(value) is not None:
-            raise Reject("negative_value", f"{name}={value!r} is negative")
-        raise Reject("bad_decimal", f"{name}={value!r} is not a finite decimal")
+            raise Reject(Reason.NEGATIVE_VALUE, f"{name}={value!r} is negative")
+        raise Reject(Reason.BAD_DECIMAL, f"{name}={value!r} is not a finite decimal")
     return value
 
 
 def _sdec(value: str, name: str) -> str:
     if _SDEC.fullmatch(value) is None:
-        raise Reject("bad_decimal", f"{name}={value!r} is not a finite decimal")
+        raise Reject(Reason.BAD_DECIMAL, f"{name}={value!r} is not a finite decimal")
     return value
 
 
@@ -180,9 +223,14 @@ class Decoder:
         rejected_total: FastCounter | None = None,
         control_total: FastCounter | None = None,
         frames_by_stream: FastCounter | None = None,
+        streams: Iterable[str] = (),
+        max_future_ms: int = MAX_FUTURE_MS,
         wall_ms: Callable[[], int] | None = None,
         log_interval_s: float = 60.0,
     ) -> None:
+        """`streams`: the configured stream names, the only labels `frames_by_stream` gets
+        (frames of any other stream count as OTHER_STREAM). `max_future_ms`: how far ahead of
+        the receipt time a record's times may be (further: absurd_timestamp)."""
         self.topics = topics
         self.max_frame_bytes = max_frame_bytes
         self.dlq_max_raw_bytes = dlq_max_raw_bytes
@@ -192,6 +240,11 @@ class Decoder:
         self.rejected_total = rejected_total or FastCounter("rejected", "", "reason")
         self.control_total = control_total or FastCounter("control", "", "kind")
         self.frames_by_stream = frames_by_stream or FastCounter("frames", "", "stream")
+        self._labels = frozenset(streams)
+        self.max_future_ms = max_future_ms
+        # What the frame being decoded is known to be, for its DLQ record should it fail.
+        self._stream: str | None = None
+        self._key_symbol: str | None = None
         self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
         self._routes: dict[str, _Route] = {}
         self._throttle = Throttle(log_interval_s)
@@ -200,56 +253,63 @@ class Decoder:
 
     def decode(self, frame: Frame, out: list[Outgoing]) -> None:
         """Append the records of one frame (or its DLQ record) to `out`. Never raises."""
-        stream: str | None = None
+        self._stream = self._key_symbol = None
         try:
-            stream = self._decode(frame, out)
+            self._decode(frame, out)
         except Reject as r:
-            self._reject(frame, r.reason, r.detail, stream, out)
+            self._reject(frame, r.reason, r.detail, out)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            self._reject(frame, _msgspec_reason(exc), str(exc), self._peek_stream(frame), out)
+            self._reject(frame, _msgspec_reason(exc), str(exc), out)
         except RecursionError:
-            self._reject(frame, "too_deep", "JSON nesting too deep", None, out)
+            self._reject(frame, Reason.TOO_DEEP, "JSON nesting too deep", out)
         except ValueError as exc:  # the slow duplicate-key parse disagreeing with msgspec
-            self._reject(frame, "bad_json", str(exc), stream, out)
+            self._reject(frame, Reason.BAD_JSON, str(exc), out)
 
     # -- the steps --------------------------------------------------------------------------------
 
-    def _decode(self, frame: Frame, out: list[Outgoing]) -> str | None:
+    def _decode(self, frame: Frame, out: list[Outgoing]) -> None:
         data = frame.data
         if isinstance(data, bytes):
             if len(data) > self.max_frame_bytes:
-                raise Reject("frame_too_large", f"{len(data)} bytes > {self.max_frame_bytes}")
+                raise Reject(Reason.FRAME_TOO_LARGE, f"{len(data)} bytes > {self.max_frame_bytes}")
             try:
                 data = data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise Reject("invalid_utf8", f"binary frame is not UTF-8: {exc.reason}") from None
+                raise Reject(
+                    Reason.INVALID_UTF8, f"binary frame is not UTF-8: {exc.reason}"
+                ) from None
         elif len(data) * 4 > self.max_frame_bytes and len(data.encode()) > self.max_frame_bytes:
             # len(str) <= UTF-8 length <= 4 * len(str): encode only when it may be too large.
-            raise Reject("frame_too_large", f"{len(data.encode())} bytes > {self.max_frame_bytes}")
+            raise Reject(
+                Reason.FRAME_TOO_LARGE, f"{len(data.encode())} bytes > {self.max_frame_bytes}"
+            )
         try:
             env = _ENVELOPE.decode(data)
         except msgspec.ValidationError:
-            raise Reject("not_an_object", "frame is not a JSON object") from None
+            raise Reject(Reason.NOT_AN_OBJECT, "frame is not a JSON object") from None
         except msgspec.DecodeError as exc:
-            raise Reject("bad_json", str(exc)) from None
+            raise Reject(Reason.BAD_JSON, str(exc)) from None
 
         if env.stream is msgspec.UNSET:
-            self._unwrapped(env, data, frame, out)
-            return None
-        stream = env.stream
-        self.frames_by_stream.inc(stream)
+            self._unwrapped(env, frame)
+            return
+        stream = self._stream = env.stream
+        # Only configured names become labels: junk names from upstream must not create series.
+        self.frames_by_stream.inc(stream if stream in self._labels else OTHER_STREAM)
         if env.data is msgspec.UNSET:
-            raise Reject("missing_field", "combined-stream frame without 'data'")
+            raise Reject(Reason.MISSING_FIELD, "combined-stream frame without 'data'")
         if stream == "!serverShutdown":
             self._control("server_shutdown", frame, "server announced shutdown")
-            return stream
+            return
         route = self._routes.get(stream) or self._route(stream)
+        self._key_symbol = route.spec.symbol
         self._payload(route, stream, env.data, data, 2, frame, out)
-        return stream
 
-    def _unwrapped(self, env: wire.Envelope, data: str, frame: Frame, out: list[Outgoing]) -> None:
+    def _unwrapped(self, env: wire.Envelope, frame: Frame) -> None:
         # Control replies: {"result": ..., "id": ...}; errors flat {"code","msg"} or nested
-        # {"error": {...}}, with id possibly null or absent (API-NOTES §3).
+        # {"error": {...}}, with id possibly null or absent (API-NOTES §3). marketd only opens
+        # combined-stream connections (README, "Data contract"), where every market event comes
+        # in a {"stream", "data"} envelope: a bare event is not trusted to say what it is.
         if env.result is not msgspec.UNSET and env.id is not msgspec.UNSET:
             self._control("result", frame, f"id={env.id!r}")
             return
@@ -263,19 +323,18 @@ class Decoder:
             self._control("server_shutdown", frame, "server announced shutdown")
             return
         if isinstance(env.e, str):
-            # A raw-mode (/ws) event: infer its stream so it routes like a combined one.
-            stream = _infer_stream(env.e, data)
-            if stream is not None:
-                route = self._routes.get(stream) or self._route(stream)
-                self._payload(route, stream, msgspec.Raw(data.encode()), data, 0, frame, out)
-                return
-        raise Reject("unknown_frame", "neither a stream event nor a control reply")
+            raise Reject(
+                Reason.UNKNOWN_FRAME,
+                f"bare {env.e[:40]!r} event without the stream/data envelope on a combined-stream "
+                "connection",
+            )
+        raise Reject(Reason.UNKNOWN_FRAME, "neither a stream event nor a control reply")
 
     def _route(self, stream: str) -> _Route:
         try:
             spec = parse_stream(stream)
         except StreamNameError as exc:
-            raise Reject("unsupported_stream", str(exc)) from None
+            raise Reject(Reason.UNSUPPORTED_STREAM, str(exc)) from None
         cls = _PAYLOAD[spec.kind]
         builders = {
             StreamKind.TRADE: self._trade,
@@ -353,21 +412,26 @@ class Decoder:
 
     def _time(self, value: int, name: str, now_ms: int) -> int:
         ms = value // self.time_div if self.time_div != 1 else value
-        if ms < MIN_TIME_MS or ms > now_ms + MAX_FUTURE_MS:
-            raise Reject("absurd_timestamp", f"{name}={value} is outside 2017..now+1d")
+        if ms < MIN_TIME_MS or ms > now_ms + self.max_future_ms:
+            raise Reject(
+                Reason.ABSURD_TIMESTAMP,
+                f"{name}={value} is outside 2017..now+{self.max_future_ms}ms (now={now_ms})",
+            )
         return ms
 
     def _symbol(self, spec: StreamSpec, s: str) -> str:
         symbol = s.upper()
         if spec.symbol is not None and symbol != spec.symbol:
-            raise Reject("symbol_mismatch", f"payload symbol {s!r} on stream for {spec.symbol}")
+            raise Reject(
+                Reason.SYMBOL_MISMATCH, f"payload symbol {s!r} on stream for {spec.symbol}"
+            )
         if not symbol:
-            raise Reject("missing_field", "empty symbol")
+            raise Reject(Reason.MISSING_FIELD, "empty symbol")
         return symbol
 
     def _event(self, e: str, expected: str) -> None:
         if e != expected:
-            raise Reject("event_type_mismatch", f"event type {e!r} on a {expected} stream")
+            raise Reject(Reason.EVENT_TYPE_MISMATCH, f"event type {e!r} on a {expected} stream")
 
     def _trade(self, spec: StreamSpec, stream: str, p: Any, now_ms: int) -> Any:
         if p.e != "trade":
@@ -390,30 +454,38 @@ class Decoder:
         self._event(p.e, "kline")
         k = p.k
         if k.i != spec.interval:
-            raise Reject("interval_mismatch", f"kline interval {k.i!r} on {stream}")
+            raise Reject(Reason.INTERVAL_MISMATCH, f"kline interval {k.i!r} on {stream}")
         symbol = self._symbol(spec, p.s)
         if k.s.upper() != symbol:
-            raise Reject("symbol_mismatch", f"kline symbol {k.s!r} in event for {p.s!r}")
+            raise Reject(Reason.SYMBOL_MISMATCH, f"kline symbol {k.s!r} in event for {p.s!r}")
         open_ms = self._time(k.t, "k.t", now_ms)
         close_ms = k.T // self.time_div
         if not open_ms < close_ms <= open_ms + interval_ms(k.i):
-            raise Reject("absurd_timestamp", f"kline close {k.T} not within its interval")
+            raise Reject(Reason.ABSURD_TIMESTAMP, f"kline close {k.T} not within its interval")
+        o, h, lo, c = _udec(k.o, "o"), _udec(k.h, "h"), _udec(k.l, "l"), _udec(k.c, "c")
+        _check_range(o, h, lo, c)
+        # -1/-1: a kline without trades (README, "Data contract").
+        first, last = _opt_id(k.f, "f"), _opt_id(k.L, "L")
+        if first > last:
+            raise Reject(
+                Reason.INCONSISTENT_VALUES, f"kline first trade id f={first} > last L={last}"
+            )
         return rec.KlineRecord(
             symbol,
             k.i,
             open_ms,
             close_ms,
-            _udec(k.o, "o"),
-            _udec(k.h, "h"),
-            _udec(k.l, "l"),
-            _udec(k.c, "c"),
+            o,
+            h,
+            lo,
+            c,
             _udec(k.v, "v"),
             _udec(k.q, "q"),
             _count(k.n),
             _udec(k.V, "V"),
             _udec(k.Q, "Q"),
-            k.f,
-            k.L,
+            first,
+            last,
             k.x,
             self._time(p.E, "E", now_ms),
             now_ms,
@@ -442,8 +514,8 @@ class Decoder:
             _udec(p.A, "A"),
             self._time(p.O, "O", now_ms),
             self._time(p.C, "C", now_ms),
-            p.F,
-            p.L,
+            _opt_id(p.F, "F"),
+            _opt_id(p.L, "L"),
             _count(p.n),
             self._time(p.E, "E", now_ms),
             now_ms,
@@ -459,13 +531,18 @@ class Decoder:
         src = rec.SOURCE
         if kind is StreamKind.AGG_TRADE:
             self._event(p.e, "aggTrade")
+            first, last = _id(p.f, "f"), _id(p.l, "l")
+            if first > last:
+                raise Reject(
+                    Reason.INCONSISTENT_VALUES, f"aggTrade first trade id f={first} > last l={last}"
+                )
             return rec.AggTradeRecord(
                 self._symbol(spec, p.s),
                 _id(p.a, "a"),
                 _udec(p.p, "p"),
                 _udec(p.q, "q"),
-                _id(p.f, "f"),
-                _id(p.l, "l"),
+                first,
+                last,
                 self._time(p.T, "T", now_ms),
                 self._time(p.E, "E", now_ms),
                 p.m,
@@ -506,8 +583,8 @@ class Decoder:
                 _udec(p.q, "q"),
                 self._time(p.O, "O", now_ms),
                 self._time(p.C, "C", now_ms),
-                p.F,
-                p.L,
+                _opt_id(p.F, "F"),
+                _opt_id(p.L, "L"),
                 _count(p.n),
                 self._time(p.E, "E", now_ms),
                 now_ms,
@@ -567,17 +644,17 @@ class Decoder:
                 stream,
                 sv,
             )
-        raise Reject("unsupported_stream", f"no decoder for {kind}")  # pragma: no cover
+        raise Reject(Reason.UNSUPPORTED_STREAM, f"no decoder for {kind}")  # pragma: no cover
 
     # -- rejections and control frames ------------------------------------------------------------
 
-    def _reject(
-        self, frame: Frame, reason: str, detail: str, stream: str | None, out: list[Outgoing]
-    ) -> None:
+    def _reject(self, frame: Frame, reason: Reason, detail: str, out: list[Outgoing]) -> None:
         self.rejected_total.inc(reason)
         received_at = frame.recv_ns // 1_000_000
+        stream = self._stream[:_DLQ_STREAM_CHARS] if self._stream is not None else None
         record = dlq_record(frame.data, reason, detail, stream, received_at, self.dlq_max_raw_bytes)
-        key = stream.encode() if stream else None
+        # Keyed like the market data of its symbol (same partition), when the stream names one.
+        key = self._key_symbol.encode() if self._key_symbol else None
         out.append(Outgoing(self.topics.dlq, key, _ENCODE(record), frame.recv_ns))
         suppressed = self._throttle.should_log(f"reject:{reason}", frame.recv_ns / 1e9)
         if suppressed is not None:
@@ -618,14 +695,6 @@ class Decoder:
                 return f"error={bytes(env.error)[:200]!r} id={env.id!r}"
         return f"code={env.code!r} msg={env.msg!r} id={env.id!r}"
 
-    @staticmethod
-    def _peek_stream(frame: Frame) -> str | None:
-        try:
-            env = _ENVELOPE.decode(frame.data)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-            return None
-        return env.stream if isinstance(env.stream, str) else None
-
 
 _IDENT: dict[StreamKind, Callable[[Any], tuple[Any, ...]]] = {
     StreamKind.TRADE: lambda r: ("trade", r.symbol, r.trade_id, r.trade_time),
@@ -652,54 +721,40 @@ def _ArrayOf(cls: type[msgspec.Struct]) -> Any:
 
 
 def _id(value: int, name: str) -> int:
+    """An id, count or sequence number: 0..2^63-1."""
     if value < 0:
-        raise Reject("negative_value", f"{name}={value} is negative")
+        raise Reject(Reason.NEGATIVE_VALUE, f"{name}={value} is negative")
+    if value > INT64_MAX:
+        raise Reject(Reason.OUT_OF_RANGE, f"{name}={value} does not fit a signed 64-bit integer")
     return value
+
+
+def _opt_id(value: int, name: str) -> int:
+    """A trade id that is -1 when there is none (klines and tickers without trades)."""
+    return value if value == -1 else _id(value, name)
 
 
 def _count(value: int) -> int:
-    if value < 0:
-        raise Reject("negative_value", f"n={value} is negative")
-    return value
+    return _id(value, "n")
 
 
-def _msgspec_reason(exc: Exception) -> str:
+def _check_range(open_: str, high: str, low: str, close: str) -> None:
+    """High and low must bound open and close (exact decimals; the formats are checked)."""
+    hi, lo = Decimal(high), Decimal(low)
+    if not (lo <= hi and lo <= Decimal(open_) <= hi and lo <= Decimal(close) <= hi):
+        raise Reject(
+            Reason.INCONSISTENT_VALUES,
+            f"high={high} and low={low} do not bound open={open_} and close={close}",
+        )
+
+
+def _msgspec_reason(exc: Exception) -> Reason:
     text = str(exc)
     if "missing required field" in text:
-        return "missing_field"
-    if text.startswith("Expected"):
-        return "wrong_type"
-    if isinstance(exc, msgspec.DecodeError):
-        return "bad_json"
-    return "invalid_field"
-
-
-_INFER = {
-    "trade": "trade", "aggTrade": "aggTrade", "24hrTicker": "ticker",
-    "24hrMiniTicker": "miniTicker", "avgPrice": "avgPrice", "referencePrice": "referencePrice",
-    "blockTrade": "blockTrade", "1hTicker": "ticker_1h", "4hTicker": "ticker_4h",
-    "1dTicker": "ticker_1d",
-}  # fmt: skip
-
-
-class _Bare(msgspec.Struct):
-    s: str = ""
-    k: dict[str, Any] | None = None
-
-
-def _infer_stream(event: str, data: str) -> str | None:
-    """Stream name of a raw-mode event, from its type and symbol (and interval for klines)."""
-    try:
-        bare = msgspec.json.decode(data, type=_Bare)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    if not bare.s:
-        return None
-    symbol = bare.s.lower()
-    if event == "kline" and bare.k is not None and isinstance(bare.k.get("i"), str):
-        return f"{symbol}@kline_{bare.k['i']}"
-    suffix = _INFER.get(event)
-    return f"{symbol}@{suffix}" if suffix else None
+        return Reason.MISSING_FIELD
+    if isinstance(exc, msgspec.ValidationError):  # a subclass of DecodeError
+        return Reason.WRONG_TYPE
+    return Reason.BAD_JSON
 
 
 def _sample(data: str | bytes, limit: int = 160) -> str:

@@ -162,8 +162,12 @@ def make_decoder(rt: Runtime) -> Decoder:
         rejected_total=m.fast_counter("decode_rejected", "frames rejected per reason", "reason"),
         control_total=m.fast_counter("ws_control_frames", "control replies and errors", "kind"),
         frames_by_stream=m.fast_counter(
-            "ws_stream_frames", "combined-stream frames received per stream", "stream"
+            "ws_stream_frames",
+            'combined-stream frames received per configured stream (any other: stream="other")',
+            "stream",
         ),
+        streams=[spec.name for spec in parse_streams(cfg.binance.streams)],
+        max_future_ms=cfg.ingest.max_future_ms,
     )
 
 

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -10,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from marketd.ingest.decode import Decoder, Frame, Outgoing, Topics
+from marketd.ingest.decode import OTHER_STREAM, Decoder, Frame, Outgoing, Reason, Topics
 from marketd.records import DLQ_FIELDS, KLINE_FIELDS, TICKER_FIELDS, TRADE_FIELDS
 from tests.ingest import frames as f
 
@@ -330,8 +332,222 @@ def test_structured_garbage_under_a_real_stream_never_raises(data: Any) -> None:
     assert len(out) == 1
 
 
-def test_frames_are_counted_per_stream() -> None:
-    decoder = Decoder(TOPICS)
-    for frame in (f.trade(1), f.trade(2), f.ticker(), "garbage"):
+def test_frames_are_counted_per_configured_stream() -> None:
+    decoder = Decoder(TOPICS, streams=["btcusdt@trade", "btcusdt@ticker"])
+    for frame in (f.trade(1), f.trade(2), f.ticker(), "garbage", f.ticker("ETHUSDT")):
         decode(frame, decoder)
-    assert decoder.frames_by_stream.values == {"btcusdt@trade": 2, "btcusdt@ticker": 1}
+    assert decoder.frames_by_stream.values == {
+        "btcusdt@trade": 2,
+        "btcusdt@ticker": 1,
+        OTHER_STREAM: 1,
+    }
+
+
+def test_stream_names_from_upstream_never_become_labels() -> None:
+    decoder = Decoder(TOPICS, streams=["btcusdt@trade"])
+    for i in range(3000):
+        decode(f.wrap(f"junk{i}@trade", f.trade_data()), decoder)
+        decode(f.wrap(f"\u0000{i}", {}), decoder)
+    assert decoder.frames_by_stream.values == {OTHER_STREAM: 6000}
+
+
+# -- validation rejects name their stream and are keyed by its symbol ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (f.wrap("btcusdt@trade", f.trade_data(p="NaN")), "bad_decimal"),
+        (f.wrap("btcusdt@trade", f.trade_data(t="7")), "wrong_type"),
+        (
+            f.wrap("btcusdt@trade", {k: v for k, v in f.trade_data().items() if k != "q"}),
+            "missing_field",
+        ),
+        (f.trade().replace('"p":"118234.56000000"', '"p":"1.0","p":"2.0"'), "duplicate_key"),
+        (f.wrap("btcusdt@trade", f.trade_data(T=f.now_ms() + 3_600_000)), "absurd_timestamp"),
+        (f.wrap("btcusdt@kline_1m", f.kline_data(h="0.0001")), "inconsistent_values"),
+    ],
+)
+def test_validation_rejects_carry_stream_and_symbol_key(frame: str, reason: str) -> None:
+    out = decode(frame)
+    assert len(out) == 1 and out[0].topic == "raw_dlq"
+    record = json.loads(out[0].value)
+    assert record["reason"] == reason
+    assert record["stream"] == json.loads(frame[: frame.index(",")] + "}")["stream"]
+    assert out[0].key == b"BTCUSDT"
+
+
+def test_rejects_of_all_market_streams_name_the_stream_without_a_key() -> None:
+    out = decode(f.wrap("!miniTicker@arr", [{"e": "24hrMiniTicker"}]))
+    record = json.loads(out[0].value)
+    assert (record["reason"], record["stream"], out[0].key) == (
+        "missing_field",
+        "!miniTicker@arr",
+        None,
+    )
+
+
+def test_an_unsupported_stream_is_named_but_not_keyed() -> None:
+    out = decode(f.wrap("btcusdt@depth", {"e": "depthUpdate"}))
+    record = json.loads(out[0].value)
+    assert (record["reason"], record["stream"], out[0].key) == (
+        "unsupported_stream",
+        "btcusdt@depth",
+        None,
+    )
+
+
+def test_a_huge_junk_stream_name_is_cut_in_the_dlq_record() -> None:
+    record = rejected(f.wrap("x" * 100_000, {}))
+    assert record["reason"] == "unsupported_stream" and len(record["stream"]) == 256
+
+
+def test_frames_before_the_envelope_have_no_stream() -> None:
+    for frame in ("[1]", "{", b"\xff"):
+        out = decode(frame)
+        assert json.loads(out[0].value)["stream"] is None and out[0].key is None
+
+
+def test_the_stream_of_one_frame_does_not_leak_into_the_next() -> None:
+    decoder = Decoder(TOPICS)
+    decode(f.trade(), decoder)
+    out = decode('{"hello":"world"}', decoder)
+    assert json.loads(out[0].value)["stream"] is None and out[0].key is None
+
+
+# -- hostile values that fit the wire types but not the record contract ----------------------------
+
+INT64_MAX = 2**63 - 1
+
+
+def agg_trade_data(**over: Any) -> dict[str, Any]:
+    t = f.now_ms()
+    data = {"e": "aggTrade", "E": t, "s": "BTCUSDT", "a": 5, "p": "1.0", "q": "2.0", "f": 10}
+    data.update({"l": 12, "T": t, "m": False, "M": True}, **over)
+    return data
+
+
+HOSTILE: list[tuple[str, str, str]] = [
+    ("trade id 2^63", f.wrap("btcusdt@trade", f.trade_data(INT64_MAX + 1)), "out_of_range"),
+    ("trade id 2^64", f.wrap("btcusdt@trade", f.trade_data(2**64)), "out_of_range"),
+    ("trade id 10^30", f.wrap("btcusdt@trade", f.trade_data(10**30)), "out_of_range"),
+    ("aggTrade id", f.wrap("btcusdt@aggTrade", agg_trade_data(a=INT64_MAX + 1)), "out_of_range"),
+    ("aggTrade last", f.wrap("btcusdt@aggTrade", agg_trade_data(l=2**70)), "out_of_range"),
+    (
+        "aggTrade first > last",
+        f.wrap("btcusdt@aggTrade", agg_trade_data(f=13)),
+        "inconsistent_values",
+    ),
+    ("aggTrade negative", f.wrap("btcusdt@aggTrade", agg_trade_data(f=-1)), "negative_value"),
+    ("kline count", f.wrap("btcusdt@kline_1m", f.kline_data(n=INT64_MAX + 1)), "out_of_range"),
+    ("kline last id", f.wrap("btcusdt@kline_1m", f.kline_data(L=INT64_MAX + 1)), "out_of_range"),
+    ("kline first id -2", f.wrap("btcusdt@kline_1m", f.kline_data(f=-2)), "negative_value"),
+    ("kline first > last", f.wrap("btcusdt@kline_1m", f.kline_data(f=300)), "inconsistent_values"),
+    (
+        "kline high < low",
+        f.wrap("btcusdt@kline_1m", f.kline_data(h="0.0010")),
+        "inconsistent_values",
+    ),
+    (
+        "kline high < open",
+        f.wrap("btcusdt@kline_1m", f.kline_data(o="0.0030")),
+        "inconsistent_values",
+    ),
+    (
+        "kline high < close",
+        f.wrap("btcusdt@kline_1m", f.kline_data(c="0.0026")),
+        "inconsistent_values",
+    ),
+    (
+        "kline low > open",
+        f.wrap("btcusdt@kline_1m", f.kline_data(o="0.0014")),
+        "inconsistent_values",
+    ),
+    (
+        "kline low > close",
+        f.wrap("btcusdt@kline_1m", f.kline_data(c="0.00149")),
+        "inconsistent_values",
+    ),
+    ("ticker last id", f.wrap("btcusdt@ticker", f.ticker_data(L=INT64_MAX + 1)), "out_of_range"),
+    ("ticker first id -5", f.wrap("btcusdt@ticker", f.ticker_data(F=-5)), "negative_value"),
+    (
+        "bookTicker update id",
+        f.wrap(
+            "btcusdt@bookTicker",
+            {"u": 2**63, "s": "BTCUSDT", "b": "1", "B": "1", "a": "1", "A": "1"},
+        ),
+        "out_of_range",
+    ),
+    ("time beyond int64", f.wrap("btcusdt@trade", f.trade_data(T=2**64)), "absurd_timestamp"),
+    ("bare trade event", json.dumps(f.trade_data()), "unknown_frame"),
+    ("bare kline event", json.dumps(f.kline_data()), "unknown_frame"),
+    ("bare ticker event", json.dumps(f.ticker_data()), "unknown_frame"),
+]
+
+
+@pytest.mark.parametrize(("name", "frame", "reason"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_values_are_dead_lettered(name: str, frame: str, reason: str) -> None:
+    decoder = Decoder(TOPICS)
+    out = decode(frame, decoder)
+    assert len(out) == 1 and out[0].topic == "raw_dlq", out
+    record = json.loads(out[0].value)
+    assert record["reason"] == reason, record["detail"]
+    assert decoder.rejected_total.get(reason) == 1
+
+
+def test_largest_int64_id_and_bounds_equal_to_open_and_close_are_accepted() -> None:
+    assert one(f.trade(INT64_MAX), "raw_trades")["trade_id"] == INT64_MAX
+    flat = f.kline_data(o="1.5", h="1.50", l="1.5", c="1.500")
+    one(f.wrap("btcusdt@kline_1m", flat), "raw_klines")
+    exact = f.kline_data(o="0.0015", c="0.0025")  # open at the low, close at the high
+    one(f.wrap("btcusdt@kline_1m", exact), "raw_klines")
+
+
+def test_klines_and_tickers_without_trades_keep_their_minus_one_ids() -> None:
+    empty = f.kline_data(f=-1, L=-1, n=0, o="1", h="1", l="1", c="1")
+    rec = one(f.wrap("btcusdt@kline_1m", empty), "raw_klines")
+    assert (rec["first_trade_id"], rec["last_trade_id"]) == (-1, -1)
+    rec = one(f.wrap("btcusdt@ticker", f.ticker_data(F=-1, L=-1, n=0)), "raw_tickers")
+    assert (rec["first_trade_id"], rec["last_trade_id"]) == (-1, -1)
+
+
+def test_a_bare_shutdown_notice_is_still_control() -> None:
+    decoder = Decoder(TOPICS)
+    assert decode('{"e":"serverShutdown","E":1785000000000}', decoder) == []
+    assert decoder.control_total.get("server_shutdown") == 1
+
+
+# -- how far ahead of the local clock a record may be ---------------------------------------------
+
+
+def decode_at(frame: str, recv_ms: int, **kw: Any) -> list[Outgoing]:
+    out: list[Outgoing] = []
+    Decoder(TOPICS, **kw).decode(Frame(frame, recv_ms * 1_000_000, 0), out)
+    return out
+
+
+def test_records_up_to_the_skew_bound_are_accepted_and_beyond_it_dead_lettered() -> None:
+    now = f.now_ms()
+    ahead = f.wrap("btcusdt@ticker", f.ticker_data(E=now + 10_000))
+    assert decode_at(ahead, now)[0].topic == "raw_tickers"  # the default: 10 s
+    beyond = f.wrap("btcusdt@ticker", f.ticker_data(E=now + 10_001))
+    record = json.loads(decode_at(beyond, now)[0].value)
+    assert record["reason"] == "absurd_timestamp" and "now+10000ms" in record["detail"]
+    tight = f.wrap("btcusdt@trade", f.trade_data(at=now, T=now + 1_500))
+    assert decode_at(tight, now, max_future_ms=1_000)[0].topic == "raw_dlq"
+    assert decode_at(tight, now, max_future_ms=2_000)[0].topic == "raw_trades"
+
+
+def test_the_skew_bound_applies_to_microsecond_streams_in_ms() -> None:
+    now = f.now_ms()
+    frame = f.wrap("btcusdt@trade", f.trade_data(E=(now + 20_000) * 1000, T=now * 1000))
+    out = decode_at(frame, now, time_unit="MICROSECOND")
+    assert json.loads(out[0].value)["reason"] == "absurd_timestamp"
+
+
+def test_readme_lists_exactly_the_dlq_reasons() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("DLQ reasons:", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"`([a-z0-9_]+)`", section))
+    assert documented >= {r.value for r in Reason}
+    assert {r.value for r in Reason} >= documented - {"result", "id", "stream", "data"}
