@@ -23,7 +23,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from marketd.api import openapi
+from marketd.api import dashboard, openapi, stream
 from marketd.api.reader import TickerReader
 from marketd.api.views import (
     BadSymbol,
@@ -165,6 +165,9 @@ def create_app(rt: Runtime, *, reader: TickerReader | None = None) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config["JSONIFY_MIMETYPE"] = _JSON
 
+    # The push API (SSE, raw ASGI in front of Quart) and the dashboard page: marketd/api/stream.py.
+    app.register_blueprint(dashboard.create_blueprint(rt))
+    app.asgi_app = stream.mount(app, rt, tracked)  # type: ignore[method-assign]
     app.asgi_app = RequestMetrics(app.asgi_app, *_api_metrics(rt.metrics))  # type: ignore[method-assign]
 
     @app.before_serving

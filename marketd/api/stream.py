@@ -1,0 +1,604 @@
+"""The push API: Server-Sent Events for tickers and component health (docs/streaming.md).
+
+    GET /api/v1/stream/tickers[?symbols=BTCUSDT,ETHUSDT]   snapshot, then one event per update
+    GET /api/v1/stream/health                              component health on every change
+    GET /api/v1/stream/book/{symbol}                       seam for the order-book issue
+
+Data flow: the ticker consumer's write script appends every stored update to the Redis stream
+`tickers:updates` (marketd/tickers/store.py). One `TickerHub` per API process follows that
+stream (XREAD BLOCK in a worker thread: sync redis-py, as everywhere in marketd) and offers each
+update to every connected client's `ClientQueue` (marketd/api/fanout.py: conflation, how far
+behind); each client's own task writes to its socket. A slow socket therefore blocks only its
+own task, and what waits for it is at most one update per symbol. The stream ids are the SSE
+`id:`s: a reconnecting EventSource sends `Last-Event-ID` and gets what changed since, or a fresh
+snapshot when that id is no longer in the stream (trimmed, or Redis lost its data).
+
+Why raw ASGI instead of a Quart route: the hub must be able to end a client whose socket is
+full, i.e. cancel a `send` that is blocked; a Quart streaming response runs its generator
+outside any scope a handler owns. Mounted in front of the Quart app by `mount()`; every other
+path goes to Quart unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs
+
+import attrs
+import msgspec
+import trio
+from quart_trio import QuartTrio
+
+from marketd.api.fanout import (
+    KEEPALIVE,
+    ClientQueue,
+    Offer,
+    Pushed,
+    id_key,
+    snapshot_data,
+    sse_event,
+)
+from marketd.api.views import BadSymbol, normalise_symbol, ticker_view
+from marketd.backoff import Backoff
+from marketd.errors import StoreUnavailable
+from marketd.logs import get_logger
+from marketd.metrics import MetricsFactory
+from marketd.runtime import Runtime
+from marketd.tickers.store import TickerStore, parse_update_id
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+PREFIX: Final = "/api/v1/stream/"
+TICKERS_PATH: Final = "/api/v1/stream/tickers"
+HEALTH_PATH: Final = "/api/v1/stream/health"
+BOOK_PREFIX: Final = "/api/v1/stream/book/"
+BLOCK_MS: Final = 1000  # XREAD BLOCK; the tail client's socket timeout is above it
+READ_TIMEOUT_S: Final = 1.0
+_encode = msgspec.json.Encoder().encode
+
+SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache, no-store"),
+    (b"x-accel-buffering", b"no"),  # a reverse proxy must not buffer the stream
+]
+
+
+@attrs.frozen
+class StreamLimits:
+    max_clients: int = 2000  # concurrent streams per process; 503 past it
+    max_behind_s: float = 10.0  # a client with an update pending longer than this is dropped
+    max_pending: int = 10_000  # without conflation (?conflate=0): queued updates per client
+    keepalive_s: float = 15.0
+    health_poll_s: float = 0.5
+    retry_s: float = 1.0  # a stream waiting for Redis tries again this often (and says so)
+
+
+class StreamMetrics:
+    def __init__(self, m: MetricsFactory) -> None:
+        self.clients = m.gauge("stream_clients", "connected SSE clients", ["stream"])
+        self.events = m.counter("stream_events_sent", "SSE events written", ["stream"])
+        self.conflated = m.counter(
+            "stream_conflated", "updates replaced by a newer one before a slow client got them"
+        )
+        self.dropped = m.counter(
+            "stream_dropped_clients", "clients disconnected for being too far behind", ["reason"]
+        )
+        self.rejected = m.counter("stream_rejected", "streams refused (503: too many clients)")
+        self.fanout_s = m.fast_histogram(
+            "stream_fanout_seconds", "time to offer one batch of updates to every client"
+        )
+
+
+class Client:
+    """One connected ticker stream: its queue, its wake-up, and the scope that ends it."""
+
+    __slots__ = ("dropped", "queue", "scope", "wakeup")
+
+    def __init__(self, queue: ClientQueue, scope: trio.CancelScope) -> None:
+        self.queue = queue
+        self.scope = scope
+        self.wakeup = trio.Event()
+        self.dropped: str | None = None
+
+
+class TickerHub:
+    """Follows `tickers:updates` and fans each update out to every connected client."""
+
+    def __init__(
+        self,
+        tail: TickerStore,
+        reads: TickerStore,
+        metrics: StreamMetrics,
+        limits: StreamLimits,
+    ) -> None:
+        self._tail = tail
+        self._reads = reads
+        self._tail_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(2)
+        self.metrics = metrics
+        self.limits = limits
+        self.clients: set[Client] = set()
+        self.health_clients = 0
+        self.closing = trio.Event()
+        self.done = trio.Event()
+        self._scope = trio.CancelScope()
+        self.redis_ok = False
+        self.detail = "starting"
+        self.since_ms = _now_ms()
+        self.updates = 0  # updates read from Redis (tests and benches read it)
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def full(self) -> bool:
+        return len(self.clients) + self.health_clients >= self.limits.max_clients
+
+    def subscribe(self, queue: ClientQueue, scope: trio.CancelScope) -> Client:
+        client = Client(queue, scope)
+        self.clients.add(client)
+        self.metrics.clients.labels("tickers").set(len(self.clients))
+        return client
+
+    def unsubscribe(self, client: Client) -> None:
+        self.clients.discard(client)
+        self.metrics.clients.labels("tickers").set(len(self.clients))
+
+    def drop(self, client: Client, reason: str) -> None:
+        if client.dropped is None:
+            client.dropped = reason
+            self.metrics.dropped.labels(reason).inc()
+            client.scope.cancel()
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A snapshot/resume read in a worker thread, bounded by READ_TIMEOUT_S * 2."""
+        with trio.fail_after(READ_TIMEOUT_S * 2):
+            return await trio.to_thread.run_sync(
+                functools.partial(fn, *args), limiter=self._read_limiter
+            )
+
+    # -- the tail ---------------------------------------------------------------------------
+
+    def _set_redis(self, ok: bool, detail: str) -> None:
+        if ok != self.redis_ok or detail != self.detail:
+            self.redis_ok, self.detail, self.since_ms = ok, detail, _now_ms()
+            if not ok:
+                log.warning("stream.redis_unavailable", detail=detail)
+            else:
+                log.info("stream.redis_available")
+
+    def offer(self, updates: list[Pushed]) -> None:
+        t0 = time.perf_counter()
+        now = trio.current_time()
+        conflated = 0
+        for client in tuple(self.clients):
+            queue = client.queue
+            woke = False
+            for update in updates:
+                outcome = queue.offer(update, now)
+                if outcome is Offer.FILTERED:
+                    continue
+                if outcome is Offer.BEHIND or outcome is Offer.OVERFLOW:
+                    self.drop(client, outcome.value)
+                    break
+                woke = True
+                if outcome is Offer.CONFLATED:
+                    conflated += 1
+            if woke:
+                client.wakeup.set()
+        if conflated:
+            self.metrics.conflated.inc(conflated)
+        self.metrics.fanout_s.labels().observe(time.perf_counter() - t0)
+
+    def _resync_all(self) -> None:
+        for client in self.clients:
+            client.queue.resync = True
+            client.wakeup.set()
+
+    async def _follow(self) -> None:
+        backoff = Backoff(0.2, 5.0)
+        cursor: str | None = None
+        while True:
+            try:
+                if cursor is None:
+                    cursor = await trio.to_thread.run_sync(
+                        self._tail.last_update_id, limiter=self._tail_limiter
+                    )
+                    # At start there is nobody to tell; after an outage, every client may
+                    # have missed updates: each gets a fresh snapshot, never a silent gap.
+                    self._resync_all()
+                    self._set_redis(True, "following tickers:updates")
+                    backoff.reset()
+                batch = await trio.to_thread.run_sync(
+                    self._tail.wait_updates, cursor, BLOCK_MS, limiter=self._tail_limiter
+                )
+            except StoreUnavailable as exc:
+                self._set_redis(False, f"redis unavailable: {exc}"[:300])
+                cursor = None
+                self._resync_all()
+                await trio.sleep(backoff.delay())
+                continue
+            if not batch:
+                continue
+            cursor = batch[-1].id
+            self.updates += len(batch)
+            self.offer([Pushed.from_fields(u.id, u.symbol, u.fields) for u in batch if u.symbol])
+
+    async def _sweep(self) -> None:
+        """Once a second: drop clients behind for too long even when no update arrives."""
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            for client in tuple(self.clients):
+                if client.queue.behind_s(now) > self.limits.max_behind_s:
+                    self.drop(client, "behind")
+
+    async def run(
+        self, draining: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._follow)
+                    nursery.start_soon(self._sweep)
+                    task_status.started()
+                    await draining.wait()
+                    self.close()
+        finally:
+            self.done.set()
+
+    def close(self) -> None:
+        """Streams end (the daemon drains, or the app stops serving); so does `run`."""
+        self.closing.set()
+        for client in tuple(self.clients):
+            client.scope.cancel()
+        self._scope.cancel()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+async def _json_response(send: Send, status: int, body: dict[str, Any]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": _encode(body)})
+
+
+async def _wait_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    """The client went away (or sent a body we ignore until it goes): end its stream."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class StreamApp:
+    """ASGI: the three stream paths; everything else goes to `app` (Quart)."""
+
+    def __init__(
+        self, app: Any, rt: Runtime, hub: TickerHub | None, tracked: tuple[str, ...]
+    ) -> None:
+        self.app = app
+        self.rt = rt
+        self.hub = hub
+        self.tracked = tracked
+        self.tracked_set = frozenset(tracked)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await _json_response(
+                send, 405, {"error": "method_not_allowed", "detail": "streams are GET only"}
+            )
+            return
+        if path == TICKERS_PATH:
+            await self._tickers(scope, receive, send)
+        elif path == HEALTH_PATH:
+            await self._health(scope, receive, send)
+        elif path.startswith(BOOK_PREFIX):
+            # The seam for the order-book issue: a BookHub with the same Client/queue shape
+            # (top-N per applied batch) plugs in here. Until books exist, say so.
+            await _json_response(
+                send,
+                404,
+                {"error": "not_available", "detail": "order books are not built by this version"},
+            )
+        else:
+            await _json_response(send, 404, {"error": "not_found", "detail": "no such stream"})
+
+    # -- tickers ----------------------------------------------------------------------------
+
+    def _symbols(self, scope: dict[str, Any]) -> tuple[str, ...] | dict[str, Any]:
+        query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+        raw = ",".join(query.get("symbols", []))
+        if not raw.strip():
+            return self.tracked
+        out: list[str] = []
+        for part in raw.split(","):
+            if not part.strip():
+                continue
+            try:
+                name = normalise_symbol(part.strip())
+            except BadSymbol:
+                return {
+                    "error": "invalid_symbol",
+                    "detail": "a symbol is 2 to 30 letters or digits",
+                }
+            if name not in self.tracked_set:
+                return {"error": "unknown_symbol", "detail": "not tracked", "symbol": name}
+            out.append(name)
+        return tuple(dict.fromkeys(out))
+
+    async def _tickers(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        hub = self.hub
+        symbols = self._symbols(scope)
+        if isinstance(symbols, dict):
+            await _json_response(send, 400, symbols)
+            return
+        if hub is None or hub.closing.is_set():
+            await _json_response(
+                send, 503, {"error": "unavailable", "detail": "the stream is not running"}
+            )
+            return
+        if hub.full():
+            hub.metrics.rejected.inc()
+            await _json_response(
+                send, 503, {"error": "too_many_streams", "detail": "try again later"}
+            )
+            return
+        query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+        conflate = query.get("conflate", ["1"])[-1] not in ("0", "false", "no")
+        last_event_id = _header(scope, b"last-event-id")
+        resume = parse_update_id(last_event_id) if last_event_id else None
+        follow = None if set(symbols) == self.tracked_set else frozenset(symbols)
+        queue = ClientQueue(
+            follow,
+            conflate=conflate,
+            max_pending=hub.limits.max_pending,
+            max_behind_s=hub.limits.max_behind_s,
+            # Queue from now on; the snapshot or resume point then drops what it covers.
+        )
+        async with trio.open_nursery() as nursery:
+            client = hub.subscribe(queue, nursery.cancel_scope)
+            try:
+                nursery.start_soon(_wait_disconnect, receive, nursery.cancel_scope)
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                if scope["method"] == "HEAD":
+                    await send({"type": "http.response.body", "body": b""})
+                    nursery.cancel_scope.cancel()
+                    return
+                sent = 0
+                if resume is not None and last_event_id is not None:
+                    sent = await self._resume(client, symbols, last_event_id, send)
+                if sent < 0 or resume is None:
+                    await self._resync(client, symbols, send)
+                await self._push(client, symbols, send)
+            finally:
+                hub.unsubscribe(client)
+                nursery.cancel_scope.cancel()
+
+    async def _resume(
+        self, client: Client, symbols: tuple[str, ...], after_id: str, send: Send
+    ) -> int:
+        """What changed after `after_id`: events sent, or -1 when that id is not known."""
+        assert self.hub is not None
+        follow = client.queue.symbols
+        try:
+            changes = await self.hub.read(self.hub._reads.changes_since, after_id, follow)
+        except (StoreUnavailable, trio.TooSlowError):
+            return -1
+        if not changes.known:
+            return -1
+        client.queue.reset(id_key(changes.last_id))
+        if changes.latest:
+            now = _now_ms()
+            chunk = b"".join(
+                Pushed.from_fields(u.id, u.symbol, u.fields).event(now) for u in changes.latest
+            )
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.hub.metrics.events.labels("tickers").inc(len(changes.latest))
+        return len(changes.latest)
+
+    async def _resync(self, client: Client, symbols: tuple[str, ...], send: Send) -> None:
+        """A fresh snapshot; while Redis cannot give one, a `status` event and retries."""
+        hub = self.hub
+        assert hub is not None
+        told = False
+        while True:
+            try:
+                snap = await hub.read(hub._reads.snapshot, symbols)
+                break
+            except (StoreUnavailable, trio.TooSlowError) as exc:
+                detail = str(exc) or "redis did not answer"
+            if not told:
+                body = _encode({"redis": False, "detail": f"redis unavailable: {detail}"[:300]})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": sse_event("status", body),
+                        "more_body": True,
+                    }
+                )
+                told = True
+            await trio.sleep(hub.limits.retry_s)
+        now = _now_ms()
+        views: list[dict[str, Any]] = []
+        missing: list[str] = []
+        for symbol, fields in zip(symbols, snap.rows, strict=True):
+            view = ticker_view(symbol, fields, now)
+            if view is None:
+                missing.append(symbol)
+            else:
+                views.append(view)
+        client.queue.reset(id_key(snap.last_id))
+        chunk = b""
+        if told:
+            chunk = sse_event("status", _encode({"redis": True, "detail": "ok"}))
+        chunk += sse_event("snapshot", snapshot_data(views, missing), snap.last_id)
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        hub.metrics.events.labels("tickers").inc()
+
+    async def _push(self, client: Client, symbols: tuple[str, ...], send: Send) -> None:
+        hub = self.hub
+        assert hub is not None
+        events = hub.metrics.events.labels("tickers")
+        keepalive_s = hub.limits.keepalive_s
+        while True:
+            with trio.move_on_after(keepalive_s):
+                await client.wakeup.wait()
+            client.wakeup = trio.Event()
+            if client.queue.resync:
+                await self._resync(client, symbols, send)
+                continue
+            updates = client.queue.take()
+            if not updates:
+                body = KEEPALIVE
+            else:
+                now = _now_ms()
+                body = b"".join(u.event(now) for u in updates)
+                events.inc(len(updates))
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    # -- health -----------------------------------------------------------------------------
+
+    async def _health(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        hub = self.hub
+        if hub is not None and hub.full():
+            hub.metrics.rejected.inc()
+            await _json_response(
+                send, 503, {"error": "too_many_streams", "detail": "try again later"}
+            )
+            return
+        limits = hub.limits if hub is not None else StreamLimits()
+        if hub is not None:
+            hub.health_clients += 1
+            hub.metrics.clients.labels("health").set(hub.health_clients)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_wait_disconnect, receive, nursery.cancel_scope)
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                if scope["method"] == "HEAD":
+                    await send({"type": "http.response.body", "body": b""})
+                    nursery.cancel_scope.cancel()
+                    return
+                previous = b""
+                seq = 0
+                quiet_since = trio.current_time()
+                closing = hub.closing if hub is not None else trio.Event()
+                while not closing.is_set():
+                    current = _encode(health_state(self.rt, hub))
+                    if current != previous:
+                        seq += 1
+                        body = sse_event("health", current, str(seq))
+                        previous = current
+                        quiet_since = trio.current_time()
+                    elif trio.current_time() - quiet_since >= limits.keepalive_s:
+                        body = KEEPALIVE
+                        quiet_since = trio.current_time()
+                    else:
+                        body = b""
+                    if body:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                        if hub is not None:
+                            hub.metrics.events.labels("health").inc()
+                    with trio.move_on_after(limits.health_poll_s):
+                        await closing.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if hub is not None:
+                hub.health_clients -= 1
+                hub.metrics.clients.labels("health").set(hub.health_clients)
+
+
+def health_state(rt: Runtime, hub: TickerHub | None) -> dict[str, Any]:
+    """Every component's health record as JSON, plus the push stream's own view of Redis.
+
+    The records are dumped field by field (attrs), so whatever the health record carries
+    (healthy, reason/detail, since) reaches the page without this module naming each field.
+    """
+    enabled = rt.config.components.enabled()
+    components: dict[str, Any] = {}
+    for name in (*enabled, *sorted(set(rt.health.components) - set(enabled))):
+        record = rt.health.components.get(name)
+        if record is None:
+            components[name] = {"started": False, "healthy": False, "detail": "not started"}
+        elif attrs.has(type(record)):
+            components[name] = attrs.asdict(record)
+        else:
+            components[name] = {"healthy": bool(getattr(record, "healthy", False))}
+    push: dict[str, Any] = {"redis": False, "detail": "no Redis configured", "clients": 0}
+    if hub is not None:
+        push = {
+            "redis": hub.redis_ok,
+            "detail": hub.detail,
+            "since_ms": hub.since_ms,
+            "clients": len(hub.clients),
+        }
+    return {"components": components, "stream": push}
+
+
+def mount(app: QuartTrio, rt: Runtime, tracked: tuple[str, ...]) -> StreamApp:
+    """Wrap the Quart app's ASGI callable; the hub runs while the app serves.
+
+    Without a Redis URL (tests with a stub reader) the streams answer 503.
+    """
+    limits = StreamLimits()
+    hub: TickerHub | None = None
+    if rt.redis_url is not None:
+        tail = TickerStore(
+            rt.redis_url,
+            timeout_s=BLOCK_MS / 1000 + 2.0,
+            client_name="marketd-api-stream",
+            max_connections=1,
+        )
+        reads = TickerStore(
+            rt.redis_url,
+            timeout_s=READ_TIMEOUT_S,
+            client_name="marketd-api-stream-reads",
+            max_connections=2,
+        )
+        hub = TickerHub(tail, reads, StreamMetrics(rt.metrics), limits)
+    the_hub = hub
+
+    @app.before_serving
+    async def _start_hub() -> None:
+        if the_hub is not None:
+            await app.nursery.start(the_hub.run, rt.draining)
+
+    @app.after_serving
+    async def _stop_hub() -> None:
+        if the_hub is not None:
+            the_hub.close()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(BLOCK_MS / 1000 + 3.0):
+                    await the_hub.done.wait()  # its XREAD thread returns within BLOCK_MS
+                for store in (the_hub._tail, the_hub._reads):
+                    await trio.to_thread.run_sync(store.close)
+
+    return StreamApp(app.asgi_app, rt, hub, tracked)
