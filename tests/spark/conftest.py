@@ -1,4 +1,5 @@
-"""Spark test fixtures: one local[2] SparkSession per test session, fixture files, PostgreSQL.
+"""Spark test fixtures: one local[2] SparkSession per test session, fixture files, PostgreSQL,
+and Kafka helpers for the Python Kafka source (produce, delete the oldest records, read back).
 
 The jobs' library lives in spark/ (not an installed package), so it is put on sys.path here.
 Spark is imported lazily: the pure tests here (indicator math, windows, sinks) run without it.
@@ -6,6 +7,7 @@ Spark is imported lazily: the pure tests here (indicator math, windows, sinks) r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -134,3 +136,73 @@ def run_once(spark: SparkSession, module: Any, argv: list[str]) -> Any:
         query.stop()
         processor.close()
     return processor
+
+
+# -- Kafka (the Python source; tests/support/kafka.py: mock cluster or MARKETD_TEST_KAFKA) ------
+
+
+def produce_records(kafka: Any, topic: str, records: list[Any], *, key: str = "symbol") -> None:
+    """Produce record values keyed by `key` (one symbol -> one partition, as the daemon does)."""
+    producer = kafka.producer(**{"linger.ms": 5})
+    for r in records:
+        value = r if isinstance(r, (bytes, str)) else json.dumps(r)
+        k = None if isinstance(r, (bytes, str)) else str(r[key])
+        producer.produce(topic, value, key=k)
+        producer.poll(0)
+    assert producer.flush(30) == 0, "records still queued after 30 s"
+
+
+def watermarks(kafka: Any, topic: str) -> dict[int, tuple[int, int]]:
+    """partition -> (low, high) watermark of `topic`."""
+    import confluent_kafka
+
+    consumer = kafka.consumer()
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {
+            p: consumer.get_watermark_offsets(
+                confluent_kafka.TopicPartition(topic, p), timeout=10, cached=False
+            )
+            for p in sorted(parts)
+        }
+    finally:
+        consumer.close()
+
+
+def delete_before(kafka: Any, topic: str, partition: int, offset: int) -> int:
+    """Make records of `partition` below `offset` disappear as retention would; return the new
+    low watermark (>= offset). A real broker deletes exactly (DeleteRecords); librdkafka's mock
+    cluster cannot, but keeps only ~5 MB per partition, so 10 KB filler records (invalid trades,
+    which the jobs count as rejected) are appended until the oldest records fall out."""
+    import confluent_kafka
+
+    if kafka.real:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+        for fut in admin.delete_records(
+            [confluent_kafka.TopicPartition(topic, partition, offset)], request_timeout=30
+        ).values():
+            fut.result()
+        return watermarks(kafka, topic)[partition][0]
+    producer = kafka.producer(**{"linger.ms": 5})
+    filler = json.dumps({"filler": "x" * 10_000})
+    for _ in range(100):
+        for _ in range(100):
+            producer.produce(topic, filler, partition=partition)
+        assert producer.flush(30) == 0
+        low = watermarks(kafka, topic)[partition][0]
+        if low >= offset:
+            return low
+    raise AssertionError(f"{topic}[{partition}] still holds offset {offset - 1}")
+
+
+def read_back(kafka: Any, topic: str) -> list[dict[str, Any]]:
+    """The trades actually in `topic` now (what a reader can still get), fillers left out."""
+    out = []
+    for m in kafka.read_all([topic]):
+        with contextlib.suppress(ValueError):
+            record = json.loads(m.value())
+            if "trade_id" in record:
+                out.append(record)
+    return out

@@ -130,8 +130,8 @@ def test_kafka_source_without_the_connector_is_a_clean_error(spark: Any, tmp_pat
     from marketd_spark.sources import SourceError, read_values
 
     args = trade_aggregation.parse_args(
-        ["--source", "kafka", "--sink", "parquet", "--output", str(tmp_path / "o"),
-         "--checkpoint", str(tmp_path / "c")]
+        ["--source", "kafka", "--kafka-reader", "jvm", "--sink", "parquet",
+         "--output", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "c")]
     )  # fmt: skip
     with pytest.raises(SourceError, match="--packages"):
         read_values(spark, args, "raw_trades")

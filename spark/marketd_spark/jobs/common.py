@@ -75,7 +75,9 @@ def run_main(
               error=str(exc).splitlines()[0][:500])  # fmt: skip
         spark.stop()
         return 1
-    event(log, "job.start", job=app_name, source=args.source, sinks=",".join(args.sink))
+    reader = getattr(args, "kafka_reader_used", None) if args.source == "kafka" else None
+    event(log, "job.start", job=app_name, source=args.source, sinks=",".join(args.sink),
+          **({"kafka_reader": reader} if reader else {}))  # fmt: skip
     query = start(spark, args, values, processor)
     code = wait(query, processor)
     spark.stop()
