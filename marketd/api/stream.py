@@ -124,6 +124,7 @@ class TickerHub:
         self.limits = limits
         self.clients: set[Client] = set()
         self.health_clients = 0
+        self.parked = 0  # dropped, but their task still waits in a socket write
         self.closing = trio.Event()
         self.done = trio.Event()
         self._scope = trio.CancelScope()
@@ -135,7 +136,8 @@ class TickerHub:
     # -- clients ----------------------------------------------------------------------------
 
     def full(self) -> bool:
-        return len(self.clients) + self.health_clients >= self.limits.max_clients
+        total = len(self.clients) + self.parked + self.health_clients
+        return total >= self.limits.max_clients
 
     def subscribe(self, queue: ClientQueue, scope: trio.CancelScope) -> Client:
         client = Client(queue, scope)
@@ -144,13 +146,27 @@ class TickerHub:
         return client
 
     def unsubscribe(self, client: Client) -> None:
+        if client.dropped is not None:
+            self.parked -= 1
         self.clients.discard(client)
         self.metrics.clients.labels("tickers").set(len(self.clients))
 
     def drop(self, client: Client, reason: str) -> None:
+        """Disconnect a client that is too far behind, at once for everything we own.
+
+        Hypercorn shields its socket writes from cancellation, so a client whose socket is full
+        keeps its task parked in that write until the kernel takes the bytes or the peer goes.
+        What matters is settled here: the client leaves the fan-out, its queue is freed, it is
+        counted, and its stream ends at the next chance (cancelled scope). Parked ones still
+        count towards the stream cap, so they cannot pile up unbounded.
+        """
         if client.dropped is None:
             client.dropped = reason
             self.metrics.dropped.labels(reason).inc()
+            self.clients.discard(client)
+            self.parked += 1
+            self.metrics.clients.labels("tickers").set(len(self.clients))
+            client.queue.take()
             client.scope.cancel()
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:

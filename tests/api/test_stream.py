@@ -306,8 +306,69 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
                     with trio.fail_after(10):
                         while not seen or seen[-1] != t + n - 1:
                             await trio.sleep(0.01)
-                    assert len(hub.clients) == 1
+                    assert len(hub.clients) == 1 and hub.parked == 1
                     assert hub.metrics.dropped.labels("behind")._value.get() == 1
                     nursery.cancel_scope.cancel()
+                # Once the stuck client reads, its stream ends: the server closes it.
+                stuck.setblocking(False)
+                with trio.fail_after(20):
+                    while True:
+                        await trio.lowlevel.wait_readable(stuck)
+                        if not stuck.recv(1 << 20):
+                            break
+                with trio.fail_after(5):
+                    while hub.parked:
+                        await trio.sleep(0.01)
             finally:
                 stuck.close()
+
+
+@pytest.mark.redis
+async def test_redis_outage_is_reported_then_a_fresh_snapshot(redis_server: RedisProcess) -> None:
+    t = now_ms() - 100
+    write(redis_server.url, ticker("BTCUSDT", t))
+    rt = make_rt(redis_server)
+    with trio.fail_after(60):
+        async with (
+            api(rt) as (client, port),
+            sse(port, "/api/v1/stream/tickers") as tickers,
+            sse(port, "/api/v1/stream/health") as health,
+        ):
+            assert (await tickers.next()).event == "snapshot"
+            first = await health.next()
+            assert first.event == "health" and first.id is not None
+            assert first.data["components"]["api"]["healthy"] is True
+            redis_server.stop()
+            status = await tickers.next(timeout=20)
+            assert status.event == "status" and status.data["redis"] is False
+            while (await health.next(timeout=20)).data["stream"]["redis"]:
+                pass
+            polled = await client.get("/api/v1/ticker/BTCUSDT")
+            assert polled.status_code == 503  # the API itself stays up
+            redis_server.start()
+            write(redis_server.url, ticker("BTCUSDT", t + 5, last_price="9.00"))
+            while (event := await tickers.next(timeout=20)).event != "snapshot":
+                assert event.event == "status"
+            # Redis came back empty but for the new write: the snapshot says exactly that.
+            assert [x["last_price"] for x in event.data["tickers"]] == ["9.00"]
+            while not (await health.next(timeout=20)).data["stream"]["redis"]:
+                pass
+
+
+@pytest.mark.redis
+async def test_drain_ends_open_streams(redis_server: RedisProcess) -> None:
+    rt = make_rt(redis_server)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_api, rt)
+            port = rt.config.api.port
+            tickers = await SSEClient.connect("127.0.0.1", port, "/api/v1/stream/tickers")
+            health = await SSEClient.connect("127.0.0.1", port, "/api/v1/stream/health")
+            await tickers.next()
+            await health.next()
+            rt.draining.set()
+            await tickers.wait_closed()
+            await health.wait_closed()
+            await tickers.aclose()
+            await health.aclose()
+        # run_api returned well within Hypercorn's graceful timeout: nothing held it open.
