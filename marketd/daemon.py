@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import trio
 
 from marketd.config import Config
-from marketd.errors import FatalComponentError, MissingDependency
+from marketd.errors import ConfigError, FatalComponentError, MissingDependency
 from marketd.kafka.client import EmbeddedCluster, is_embedded
 from marketd.logs import get_logger
 from marketd.metrics import MetricsFactory
@@ -177,6 +177,10 @@ async def run_daemon(cfg: Config, *, metrics: MetricsFactory | None = None) -> i
                     )
                     _notify("READY=1")
                 outer.cancel_scope.cancel()  # components are done: stop watching signals
+    except* ConfigError as group:
+        # A setting found wrong only when a component starts (the API's bind): exit 2.
+        log.error("daemon.exit", reason=f"config error: {_first_leaf(group)}")
+        outcome["code"] = EXIT_CONFIG
     except* (FatalComponentError, MissingDependency) as group:
         first = _first_leaf(group)
         cause = _first_leaf(first.__cause__) if first.__cause__ is not None else None
@@ -185,7 +189,8 @@ async def run_daemon(cfg: Config, *, metrics: MetricsFactory | None = None) -> i
             reason=str(first),
             cause=f"{type(cause).__name__}: {cause}" if cause is not None else None,
         )
-        outcome["code"] = EXIT_FAILED
+        # Restarts cannot fix a configuration error (e.g. the API's port in use): exit 2.
+        outcome["code"] = EXIT_CONFIG if isinstance(cause, ConfigError) else EXIT_FAILED
     log.info("daemon.stopped", exit_code=outcome["code"])
     return outcome["code"]
 

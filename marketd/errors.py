@@ -11,14 +11,31 @@ class MarketdError(Exception):
     """Base of every error marketd raises on purpose."""
 
 
+def _one_line(text: str, limit: int) -> str:
+    """Control characters escaped, cut to `limit` characters: an error line stays one line."""
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ConfigError(MarketdError):
-    """A setting is invalid. The message is the one line the operator sees (exit code 2)."""
+    """A setting is invalid. The message is the one line the operator sees (exit code 2).
+
+    Whatever the parts contain (a 50 MB value, a newline), the line stays one bounded line.
+    """
 
     def __init__(self, key: str, source: str, problem: str) -> None:
-        self.key = key
-        self.source = source
-        self.problem = problem
-        super().__init__(f"{key} ({source}): {problem}")
+        self.key = _one_line(key, 120)
+        self.source = _one_line(source, 300)
+        self.problem = _one_line(problem, 600)
+        super().__init__(f"{self.key} ({self.source}): {self.problem}")
+
+
+class ApiBindError(ConfigError):
+    """The API cannot listen on api.host:api.port (unresolvable host, address in use, ...).
+
+    A configuration error found only when the API starts: restarting will not fix it, so the
+    daemon exits 2 with this one line instead of restarting the component.
+    """
 
 
 class StreamNameError(MarketdError, ValueError):

@@ -18,6 +18,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
 from marketd.api.app import API_COMPONENT, create_app
+from marketd.api.bind import bind_error
 from marketd.logs import get_logger
 from marketd.runtime import Runtime
 
@@ -97,16 +98,36 @@ async def run_api(
     cfg = rt.config.api
     rt.health.set(API_COMPONENT, started=False, healthy=False, detail="starting")
     app = CloseAfterResponse(create_app(rt))
+    listening = False
     try:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(
                 functools.partial(serve_app, app, hypercorn_config(cfg.host, cfg.port)),
                 rt.draining.wait,
             )
+            listening = True
             for host, port in addresses:
                 log.info("api.listening", host=host, port=port)
             rt.health.set(API_COMPONENT, started=True, healthy=True, detail="listening")
             task_status.started()
+    except (OSError, BaseExceptionGroup) as exc:
+        # `marketd run` probes the address first; this is the address taken in between (or a
+        # daemon started without the CLI): the same one-line error, which no restart can fix.
+        failure = None if listening else _os_error(exc)
+        if failure is None:
+            raise
+        raise bind_error(failure, cfg.host, cfg.port, ("at start-up", "at start-up")) from exc
     finally:
         rt.health.set(API_COMPONENT, healthy=False, detail="stopped")
     log.info("api.stopped")
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError of a failed bind, alone or in (nested) exception groups, else None."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_os_error(e) for e in exc.exceptions]
+        if len(leaves) == 1:
+            return leaves[0]
+    return None

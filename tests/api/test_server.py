@@ -44,3 +44,19 @@ async def test_serves_tickers_over_http_and_stops_on_drain(redis_server: RedisPr
         with pytest.raises(httpx.ConnectError):
             async with httpx.AsyncClient() as client:
                 await client.get(f"http://127.0.0.1:{port}/healthz")
+
+
+async def test_a_port_in_use_is_a_config_error_naming_api_port(redis_server: RedisProcess) -> None:
+    import socket
+
+    from marketd.errors import ApiBindError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rt = runtime(redis_url=redis_server.url, env={"API_PORT": str(port)})
+        with trio.fail_after(30), pytest.raises(ApiBindError) as info:
+            await run_api(rt)
+    assert info.value.key == "api.port" and "already in use" in info.value.problem
+    assert not rt.health.components["api"].healthy
