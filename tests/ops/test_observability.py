@@ -29,6 +29,7 @@ SUFFIXES = {
     "gauge": ("",),
     "histogram": ("_bucket", "_sum", "_count"),
     "fast_histogram": ("_bucket", "_sum", "_count"),
+    "state_gauge": ("",),
 }
 
 
@@ -135,6 +136,8 @@ def test_alert_rules_structure() -> None:
         "MarketdNoFrames",
         "MarketdDeadLetterRate",
         "MarketdReconnectStorm",
+        "MarketdComponentUnhealthy",
+        "MarketdDependencyDown",
     } <= set(names)
 
 
@@ -198,6 +201,10 @@ def test_promtool_unit_tests_the_key_alerts(tmp_path: Path) -> None:
                     series(
                         "marketd_kafka_delivery_failed_total", "0 0 0 5 5 5", topic="raw_trades"
                     ),
+                    # Redis dies at minute 2: tickers unhealthy, the dependency down.
+                    series("marketd_component_healthy", "1 1 0x10", component="tickers"),
+                    series("marketd_component_healthy", "1x12", component="ingest"),
+                    series("marketd_dependency_up", "1 1 0x10", dependency="redis"),
                 ],
                 "alert_rule_test": [
                     {"eval_time": "3m", "alertname": "MarketdNoFrames"},  # 60 s: not yet
@@ -227,6 +234,22 @@ def test_promtool_unit_tests_the_key_alerts(tmp_path: Path) -> None:
                         "marketd m1:8000: Kafka refused 5 records on raw_trades",
                         severity="critical",
                         topic="raw_trades",
+                    ),
+                    {"eval_time": "2m", "alertname": "MarketdComponentUnhealthy"},
+                    fired(
+                        "MarketdComponentUnhealthy",
+                        "3m",
+                        "marketd m1:8000: tickers unhealthy for a minute",
+                        severity="critical",
+                        component="tickers",
+                    ),
+                    {"eval_time": "3m", "alertname": "MarketdDependencyDown"},
+                    fired(
+                        "MarketdDependencyDown",
+                        "4m",
+                        "marketd m1:8000: redis unreachable for 2 minutes",
+                        severity="warning",
+                        dependency="redis",
                     ),
                 ],
             }
