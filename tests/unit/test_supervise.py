@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
 
 from marketd.config import SupervisorConfig, load_config
-from marketd.errors import FatalComponentError
+from marketd.errors import FatalComponentError, KafkaUnavailable, StoreUnavailable
 from marketd.metrics import MetricsFactory
 from marketd.runtime import Runtime
 from marketd.supervise import supervise
@@ -86,3 +88,49 @@ async def test_restarted_component_redeclares_its_metrics(
         await nursery.start(supervise, "a", declares, rt, SupervisorConfig())
         await nursery.start(supervise, "b", declares, rt, SupervisorConfig())
     assert b'marketd_things_total{kind="x"} 4.0' in rt.metrics.exposition()
+
+
+async def test_unreachable_dependency_is_retried_forever_and_never_gives_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A TransientError (Redis, Kafka, a connection) is a state: restarted with capped backoff
+    far past max_failures, reported unhealthy with its reason, never FatalComponentError."""
+    rt = runtime()
+    runs = []
+
+    async def waits_for_redis(
+        rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        runs.append(trio.current_time())
+        task_status.started()
+        if len(runs) <= 20:
+            raise StoreUnavailable("redis: Error 111 connecting to 127.0.0.1:6379.")
+        await rt.draining.wait()
+
+    policy = SupervisorConfig(max_failures=2, failure_window_s=600, backoff_max_s=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervise, "tickers", waits_for_redis, rt, policy)
+        while len(runs) < 3:
+            await trio.sleep(0.1)
+        health = rt.health.components["tickers"]
+        assert not health.healthy and "StoreUnavailable: redis: Error 111" in health.reason
+        while len(runs) <= 20:
+            await trio.sleep(1)
+        rt.draining.set()
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
+    assert max(gaps) <= 5.0 + 1e-9  # capped backoff
+    assert len(runs) == 21
+
+
+async def test_group_of_transient_errors_is_transient_but_a_mixed_one_counts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rt = runtime()
+
+    async def mixed(
+        rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        raise ExceptionGroup("both", [KafkaUnavailable("down"), ValueError("bug")])
+
+    with pytest.raises(FatalComponentError, match="mixed failed 3 times"):
+        await supervise("mixed", mixed, rt, SupervisorConfig(max_failures=2, backoff_max_s=1))
