@@ -70,6 +70,8 @@ def stats(rt: Runtime) -> dict[str, Any]:
         "now_ms": time.time_ns() // 1_000_000,
         "components": list(rt.config.components.enabled()),
         "symbols": list(rt.config.tickers.symbols),
+        # The klines panel asks the analytics API only when warm storage is configured.
+        "klines": bool(getattr(getattr(rt.config, "analytics", None), "postgres_dsn", "")),
         "series": out,
     }
 

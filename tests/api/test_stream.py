@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from marketd.api.fanout import ClientQueue, Offer, Pushed
+from marketd.api.fanout import ClientQueue, Offer, Pushed, id_key
 from marketd.api.server import hypercorn_config, run_api, serve_app
 from marketd.api.stream import StreamApp, StreamLimits, StreamMetrics, TickerHub
 from marketd.runtime import Runtime
@@ -146,8 +146,9 @@ async def test_snapshot_then_one_event_per_stored_update(redis_server: RedisProc
             assert {k: v for k, v in first.data.items() if k != "age_ms"} == {
                 k: v for k, v in expected.items() if k != "age_ms"
             }
-            assert second.data["symbol"] == "ETHUSDT" and second.id is not None
-            assert second.id > first.id  # same millisecond or later: ids order as written
+            assert second.data["symbol"] == "ETHUSDT"
+            assert second.id is not None and first.id is not None
+            assert id_key(second.id) > id_key(first.id)  # ids order as written
             metrics = (await client.get("/metrics")).text
             assert 'marketd_stream_clients{stream="tickers"} 1.0' in metrics
             assert "marketd_stream_events_sent_total" in metrics

@@ -18,6 +18,7 @@ const state = {
   prevStats: null,
   window: [],                 // recent stats samples for "last minute" deltas
   klineNote: "",
+  klinesAvailable: null,      // from /api/v1/dashboard/stats: is warm storage configured?
 };
 
 function el(tag, cls, text) {
@@ -203,6 +204,10 @@ function select(symbol) {
 }
 
 async function loadKlines(symbol) {
+  if (state.klinesAvailable !== true) {
+    state.klineNote = state.klinesAvailable === false ? "no klines: analytics storage not configured" : "";
+    return;
+  }
   try {
     const response = await fetch("/api/v1/market/" + encodeURIComponent(symbol) + "/klines?interval=1m&limit=120");
     if (!response.ok) {
@@ -331,6 +336,10 @@ function kv(dl, rows) {
 
 function onStats(body) {
   const now = body.now_ms;
+  if (state.klinesAvailable !== body.klines) {
+    state.klinesAvailable = body.klines;
+    if (state.selected) loadKlines(state.selected);
+  }
   state.window.push(body);
   while (state.window.length > 1 && now - state.window[0].now_ms > 60000) state.window.shift();
   const prev = state.prevStats;
