@@ -314,10 +314,18 @@ class Delivery(Generic[P, E]):
         return REPLAY_TICK_S if busy else LIVE_CHECK_S
 
     def outage_reason(
-        self, now: float, *, in_flight: int, progress_at: float, brokers_down: bool
+        self,
+        now: float,
+        *,
+        in_flight: int,
+        progress_at: float,
+        brokers_down: bool,
+        returned: int = 0,
     ) -> OutageReason | None:
         """Live: has Kafka stopped taking records? (`progress_at`: when an ack last came, or the
-        queue last went from empty to busy)"""
+        queue last went from empty to busy; `returned`: records librdkafka gave up on since)"""
+        if returned:
+            return OutageReason.GAVE_UP
         if not in_flight:
             return None
         idle_s = now - progress_at
@@ -380,10 +388,11 @@ class Delivery(Generic[P, E]):
             return True
         sh.awaiting.discard(ordinal)
         r = self._replay
+        read = r.stash.pop(ordinal, None)
         if delivered:
-            r.done.add(ordinal)
-        elif ordinal in r.stash:  # read already: send the copy now
-            r.unsent.append(r.stash.pop(ordinal))
+            r.done.add(ordinal)  # the copy is never sent (it was kept in `stash` if read)
+        elif read is not None:  # read already: send the copy now
+            r.unsent.append(read)
         return True
 
     def on_returned(self, records: Sequence[Any]) -> None:
@@ -486,7 +495,7 @@ class Delivery(Generic[P, E]):
             return [Stop()]
         if drained and self.kafka_up:
             return [self._go_live(now)]
-        if self.input_done and not self._pending and self._draining_over(now):
+        if self.input_done and (self.full or not self._pending) and self._draining_over(now):
             return [Stop()]
         out: list[Command[P, E]] = []
         if self._carry:
@@ -596,8 +605,9 @@ class Delivery(Generic[P, E]):
         return GoLive(self._sent_in_outage, now - self._outage_started)
 
     def _draining_over(self, now: float) -> bool:
-        """Input over: replay on while Kafka takes it, within the deadline; when it is down,
-        one more failed probe ends the wait (the records are safe on disk)."""
+        """Input over (and appended, or the spool full): replay on while Kafka takes it,
+        within the deadline; when it is down, one more failed probe ends the wait (the records
+        are safe on disk; what a full spool refused is logged as lost at shutdown)."""
         if self._end_deadline is None:
             self._end_deadline = now + self.policy.replay_deadline_s
             self._probes_failed_at_end = self.probes_failed
@@ -606,10 +616,14 @@ class Delivery(Generic[P, E]):
         return not self.kafka_up and self.probes_failed > self._probes_failed_at_end
 
     def _all_reported(self) -> bool:
+        """No outstanding entry is in librdkafka: each is resolved, given back, waiting for its
+        original, or not sent (a shadow whose original was given up after it was read: with
+        it counted, a rewind is not held up by an entry that waits for the rewind to be sent)."""
         r, awaiting = self._replay, self._shadows.awaiting
+        unsent = {p.ordinal for p, _ in r.unsent}
         return all(
-            p.ordinal in r.done or p.ordinal in r.given_back or p.ordinal in awaiting
-            for p in r.outstanding
+            o in r.done or o in r.given_back or o in awaiting or o in unsent
+            for o in (p.ordinal for p in r.outstanding)
         )
 
     def _in_topic(self, entry: E) -> bool:

@@ -225,6 +225,7 @@ class SpoolingProducer:
             in_flight=sink.in_flight(),
             progress_at=sink.progress_at,
             brokers_down=sink.brokers_down,
+            returned=len(sink.returned or ()),
         )
 
     def _enter_outage(self, reason: OutageReason, rest: Batch) -> None:
