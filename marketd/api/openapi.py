@@ -145,6 +145,126 @@ OPENAPI_PATHS: Final[dict[str, Any]] = {
     "/openapi.json": {
         "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}
     },
+    "/api/v1/stream/tickers": {
+        "get": {
+            "summary": "Server-Sent Events: a snapshot, then one event per stored ticker update",
+            "description": (
+                "`text/event-stream`. Events: `snapshot` (data: Tickers, id: the last update id "
+                "at that instant), then `ticker` (data: Ticker plus age_ms at send time, id: the "
+                "update's id in the Redis stream `tickers:updates`), `status` (data: StreamStatus; "
+                "Redis unavailable or back, followed by a fresh `snapshot`), and `: keep-alive` "
+                "comments every 15 s. Reconnect with `Last-Event-ID` to get the newest update of "
+                "every symbol that changed since that id, or a fresh `snapshot` when the id is no "
+                "longer in the stream: never a silent gap. A slow client gets the newest update "
+                "per symbol (intermediate ones are conflated); one behind for more than 10 s is "
+                "disconnected. See docs/streaming.md."
+            ),
+            "parameters": [
+                {
+                    "name": "symbols",
+                    "in": "query",
+                    "required": False,
+                    "description": "comma-separated tracked symbols (default: all tracked)",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "conflate",
+                    "in": "query",
+                    "required": False,
+                    "description": "0 = every update, no conflation (disconnected past 10,000 "
+                    "pending updates)",
+                    "schema": {"type": "string", "enum": ["0", "1"], "default": "1"},
+                },
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "the last `id:` received; sent by EventSource on reconnect",
+                    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "the event stream",
+                    "content": {
+                        "text/event-stream": {
+                            "schema": {"type": "string"},
+                            "x-events": {
+                                "snapshot": {"$ref": "#/components/schemas/Tickers"},
+                                "ticker": {"$ref": "#/components/schemas/Ticker"},
+                                "status": {"$ref": "#/components/schemas/StreamStatus"},
+                            },
+                        }
+                    },
+                },
+                "400": _json("Error", "malformed or untracked symbol"),
+                "405": _json("Error", "not GET"),
+                "503": _json("Error", "too many streams on this process, or not running"),
+            },
+        }
+    },
+    "/api/v1/stream/health": {
+        "get": {
+            "summary": "Server-Sent Events: component health, an event on every change",
+            "description": (
+                "`text/event-stream` of `health` events (data: HealthState: every component's "
+                "health record and the push stream's view of Redis), the first at once, then on "
+                "each change (checked every 0.5 s), keep-alive comments every 15 s."
+            ),
+            "responses": {
+                "200": {
+                    "description": "the event stream",
+                    "content": {
+                        "text/event-stream": {
+                            "schema": {"type": "string"},
+                            "x-events": {"health": {"$ref": "#/components/schemas/HealthState"}},
+                        }
+                    },
+                },
+                "503": _json("Error", "too many streams on this process"),
+            },
+        }
+    },
+    "/api/v1/stream/book/{symbol}": {
+        "get": {
+            "summary": "Reserved: order-book stream (top-N on each applied batch)",
+            "description": "Answers 404 `not_available` until order books are built.",
+            "parameters": [_SYMBOL_PARAM],
+            "responses": {"404": _json("Error", "order books are not built by this version")},
+        }
+    },
+    "/api/v1/dashboard/stats": {
+        "get": {
+            "summary": "This process's ingest counters for the dashboard (GET / serves the page)",
+            "responses": {"200": {"description": "counters by family and label set"}},
+        }
+    },
+}
+
+SCHEMAS["StreamStatus"] = {
+    "type": "object",
+    "required": ["redis"],
+    "properties": {"redis": {"type": "boolean"}, "detail": _STR},
+}
+SCHEMAS["HealthState"] = {
+    "type": "object",
+    "required": ["components", "stream"],
+    "properties": {
+        "components": {
+            "type": "object",
+            "description": "component name -> its health record (healthy, reason, since, ...)",
+            "additionalProperties": {"type": "object"},
+        },
+        "stream": {
+            "type": "object",
+            "properties": {
+                "redis": {"type": "boolean"},
+                "detail": _STR,
+                "since_ms": _INT,
+                "clients": _INT,
+            },
+        },
+    },
 }
 
 

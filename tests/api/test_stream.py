@@ -373,3 +373,27 @@ async def test_drain_ends_open_streams(redis_server: RedisProcess) -> None:
             await tickers.aclose()
             await health.aclose()
         # run_api returned well within Hypercorn's graceful timeout: nothing held it open.
+
+
+@pytest.mark.redis
+async def test_dashboard_page_assets_stats_and_openapi(redis_server: RedisProcess) -> None:
+    rt = make_rt(redis_server)
+    with trio.fail_after(30):
+        async with api(rt) as (client, _port):
+            page = await client.get("/")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            csp = page.headers["content-security-policy"]
+            assert "script-src 'self'" in csp and "default-src 'none'" in csp
+            assert "unsafe" not in csp
+            assert "<script>" not in page.text  # no inline script: only src=
+            script = await client.get("/assets/dashboard.js")
+            assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+            assert "innerHTML" not in script.text and "eval(" not in script.text
+            assert (await client.get("/assets/../app.py")).status_code == 404
+            stats = (await client.get("/api/v1/dashboard/stats")).json()
+            assert stats["symbols"] == ["BTCUSDT", "ETHUSDT"] and "series" in stats
+            doc = (await client.get("/openapi.json")).json()
+            for path in ("/api/v1/stream/tickers", "/api/v1/stream/health"):
+                assert (
+                    "text/event-stream" in doc["paths"][path]["get"]["responses"]["200"]["content"]
+                )

@@ -1,5 +1,5 @@
 // marketd dashboard: live tickers, chart, health, ingest rates. Read-only, no framework.
-// Data is written with textContent only (never innerHTML); the page's CSP forbids inline
+// Data is written with textContent only (never parsed as HTML); the CSP forbids inline
 // script and eval. Endpoints: docs/streaming.md.
 "use strict";
 
@@ -136,8 +136,8 @@ function applyTicker(t) {
   const previous = row.last;
   row.tr.classList.remove("missing");
   row.cells.price.textContent = trimDecimal(t.last_price);
-  const pct = Number(t.price_change_pct);
-  row.cells.change.textContent = isFinite(pct) ? (pct > 0 ? "+" : "") + pct.toFixed(2) + " %" : "—";
+  const pct = Math.round(Number(t.price_change_pct) * 100) / 100;
+  row.cells.change.textContent = isFinite(pct) ? (pct > 0 ? "+" : "") + (pct === 0 ? 0 : pct).toFixed(2) + " %" : "—";
   row.cells.change.className = "num change " + (pct > 0 ? "pos" : pct < 0 ? "neg" : "");
   row.cells.volume.textContent = compact(t.volume);
   row.eventTime = t.event_time;
@@ -160,6 +160,7 @@ function applyTicker(t) {
   }
   state.history.set(t.symbol, points);
   refreshAge(row);
+  countRows();
   if (state.selected === null) select(t.symbol);
   else if (state.selected === t.symbol) drawChart();
 }
@@ -184,9 +185,16 @@ function onSnapshot(body) {
       row.cells.price.textContent = "no data";
     }
   }
-  document.getElementById("ticker-count").textContent =
-    body.count + " with data · " + body.missing.length + " without";
+  countRows();
   banner("");
+}
+
+function countRows() {
+  let withData = 0;
+  for (const row of state.rows.values()) if (row.last !== null) withData++;
+  const without = state.rows.size - withData;
+  document.getElementById("ticker-count").textContent =
+    withData + " live" + (without ? " · " + without + " without data" : "");
 }
 
 function onStatus(body) {
@@ -295,7 +303,7 @@ function onHealth(body) {
   const list = document.getElementById("health");
   const items = Object.entries(body.components).map(([name, record]) => [name, record]);
   items.push(["push stream", { healthy: body.stream.redis, detail: body.stream.detail,
-    since_ms: body.stream.since_ms, extra: body.stream.clients + " clients" }]);
+    since_ms: body.stream.since_ms, extra: body.stream.clients + (body.stream.clients === 1 ? " client" : " clients") }]);
   list.replaceChildren();
   let bad = 0;
   for (const [name, record] of items) {
