@@ -15,6 +15,10 @@ marketd_spark_jobs_dir (MARKETD_SPARK_JOBS_DIR), marketd_spark_source (kafka|fil
 marketd_spark_input_dir, marketd_spark_sinks (comma-separated: parquet,postgres,redis),
 marketd_spark_data_dir, marketd_spark_state_dir, marketd_postgres_dsn (POSTGRES_DSN),
 marketd_spark_redis_url, marketd_kafka_bootstrap_servers (KAFKA_BOOTSTRAP_SERVERS),
+marketd_spark_kafka_reader (MARKETD_SPARK_KAFKA_READER: auto = Spark's Kafka connector when
+marketd_spark_submit_args bring it, else the jobs' Python Kafka source; jvm; python),
+marketd_spark_kafka_options (KEY=VALUE,... Kafka client properties such as SASL, passed to the
+jobs as environment variables),
 marketd_spark_stall_after_s (900; 0 disables), marketd_spark_max_restarts (3), marketd_queue.
 """
 

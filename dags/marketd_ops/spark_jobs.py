@@ -5,6 +5,11 @@ kill it) with a pid file and a log under `state_dir`. `supervise` leaves a live,
 alone, restarts a dead one or one whose checkpoint has not advanced for `stall_after_s`, and
 raises `JobFailing` when a job needed more than `max_restarts` restarts within an hour. In
 `once` mode the job runs to completion (`--once`, Spark's availableNow trigger) inside the task.
+The command line is the one `marketd run` uses with analytics.spark_jobs
+(marketd/analytics/jobs.py): `--source kafka --kafka-reader auto` (Spark's connector when
+submitted with it, else the jobs' Python Kafka source), with the PostgreSQL DSN, Redis URL and
+Kafka client properties in the environment rather than on the command line (where `ps` would
+show a password).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class SparkSettings:
     postgres_dsn: str = ""
     redis_url: str = ""
     kafka_bootstrap_servers: str = ""
+    kafka_reader: str = "auto"  # auto | jvm | python (the jobs' --kafka-reader)
     mode: str = "streaming"  # streaming | once
     stall_after_s: float = 900.0  # 0 disables the progress check
     max_restarts: int = 3
@@ -59,6 +65,20 @@ class SparkSettings:
         data_dir = get("marketd_spark_data_dir", "MARKETD_SPARK_DATA_DIR", d.data_dir)
         sinks = get("marketd_spark_sinks", "MARKETD_SPARK_SINKS", ",".join(d.sinks))
         bootstrap = get("marketd_kafka_bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS", "")
+        reader = get("marketd_spark_kafka_reader", "MARKETD_SPARK_KAFKA_READER", d.kafka_reader)
+        if reader not in ("auto", "jvm", "python"):
+            raise ValueError(
+                f"marketd_spark_kafka_reader must be auto, jvm or python, got {reader!r}"
+            )
+        dsn = get("marketd_postgres_dsn", "POSTGRES_DSN", "")
+        redis_url = get("marketd_spark_redis_url", "MARKETD_SPARK_REDIS_URL", "")
+        options = get("marketd_spark_kafka_options", "MARKETD_SPARK_KAFKA_OPTIONS", "")
+        env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap} if bootstrap else {}
+        env.update(_kafka_option_env(options))
+        if dsn:
+            env["POSTGRES_DSN"] = dsn
+        if redis_url:
+            env["REDIS_URL"] = redis_url
         return cls(
             spark_submit=get("marketd_spark_submit", "SPARK_SUBMIT", d.spark_submit),
             master=get("marketd_spark_master", "SPARK_MASTER", d.master),
@@ -71,15 +91,16 @@ class SparkSettings:
             sinks=tuple(s.strip() for s in sinks.split(",") if s.strip()),
             data_dir=data_dir,
             state_dir=get("marketd_spark_state_dir", "MARKETD_SPARK_STATE_DIR", f"{data_dir}/run"),
-            postgres_dsn=get("marketd_postgres_dsn", "POSTGRES_DSN", ""),
-            redis_url=get("marketd_spark_redis_url", "MARKETD_SPARK_REDIS_URL", ""),
+            postgres_dsn=dsn,
+            redis_url=redis_url,
             kafka_bootstrap_servers=bootstrap,
+            kafka_reader=reader,
             mode=mode,
             stall_after_s=float(
                 get("marketd_spark_stall_after_s", "MARKETD_SPARK_STALL_AFTER_S", "900")
             ),
             max_restarts=int(get("marketd_spark_max_restarts", "MARKETD_SPARK_MAX_RESTARTS", "3")),
-            env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap} if bootstrap else {},
+            env=env,
         )
 
     def output_dir(self, job: str) -> Path:
@@ -87,6 +108,20 @@ class SparkSettings:
 
     def checkpoint_dir(self, job: str) -> Path:
         return Path(self.data_dir) / "checkpoints" / job
+
+
+def _kafka_option_env(text: str) -> dict[str, str]:
+    """ "security.protocol=SASL_SSL,sasl.password=..." -> KAFKA_OPTION_<KEY> variables, which the
+    jobs read as Kafka client properties (spark/marketd_spark/cli.py)."""
+    out = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"marketd_spark_kafka_options: {item!r} is not KEY=VALUE")
+        out["KAFKA_OPTION_" + key.strip().replace(".", "_").upper()] = value.strip()
+    return out
 
 
 def build_command(s: SparkSettings, job: str) -> list[str]:
@@ -99,12 +134,16 @@ def build_command(s: SparkSettings, job: str) -> list[str]:
         if not s.input_dir:
             raise ValueError("marketd_spark_input_dir is required with source=files")
         argv += ["--input", s.input_dir]
+    else:
+        argv += ["--kafka-reader", s.kafka_reader]
     for sink in s.sinks:
         argv += ["--sink", sink]
     argv += ["--output", str(s.output_dir(job)), "--checkpoint", str(s.checkpoint_dir(job))]
-    if s.postgres_dsn:
+    # The DSN and the Redis URL reach the job as POSTGRES_DSN / REDIS_URL (s.env): a password on
+    # the command line would show in `ps` and in the log's command header.
+    if s.postgres_dsn and "POSTGRES_DSN" not in s.env:
         argv += ["--dsn", s.postgres_dsn]
-    if s.redis_url:
+    if s.redis_url and "REDIS_URL" not in s.env:
         argv += ["--redis-url", s.redis_url]
     if s.mode == "once":
         argv.append("--once")

@@ -84,6 +84,8 @@ def test_command_follows_the_jobs_cli_contract(settings: SparkSettings) -> None:
         f"{settings.jobs_dir}/trade_aggregation.py",
         "--source",
         "kafka",
+        "--kafka-reader",
+        "auto",
         "--sink",
         "parquet",
         "--sink",
@@ -118,6 +120,36 @@ def test_settings_from_variables() -> None:
     assert (s.mode, s.sinks, s.state_dir) == ("once", ("parquet", "redis"), "/srv/spark/run")
     assert s.submit_args[0] == "--packages"
     assert s.env == {"KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"}
+    assert s.kafka_reader == "auto"
+
+
+def test_secrets_and_kafka_properties_travel_in_the_environment() -> None:
+    """The same command as marketd's own launcher: DSN, Redis URL, SASL in the environment."""
+    values = {
+        "marketd_kafka_bootstrap_servers": "kafka:9093",
+        "marketd_postgres_dsn": "postgresql://marketd:pw@db/marketd",
+        "marketd_spark_redis_url": "redis://:pw2@redis:6379/0",
+        "marketd_spark_sinks": "postgres,redis",
+        "marketd_spark_kafka_reader": "python",
+        "marketd_spark_kafka_options": "security.protocol=SASL_SSL, sasl.password=pw3",
+    }
+    s = SparkSettings.from_lookup(lambda var, env, default: values.get(var, default))
+    argv = build_command(s, "anomaly_detection")
+    assert argv[argv.index("--kafka-reader") + 1] == "python"
+    assert not any("pw" in a for a in argv)
+    assert s.env == {
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9093",
+        "POSTGRES_DSN": "postgresql://marketd:pw@db/marketd",
+        "REDIS_URL": "redis://:pw2@redis:6379/0",
+        "KAFKA_OPTION_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_OPTION_SASL_PASSWORD": "pw3",
+    }
+    with pytest.raises(ValueError, match="auto, jvm or python"):
+        SparkSettings.from_lookup(lambda var, env, default: "scala" if "reader" in var else default)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        SparkSettings.from_lookup(
+            lambda var, env, default: "justakey" if "kafka_options" in var else default
+        )
     with pytest.raises(ValueError, match="streaming or once"):
         SparkSettings.from_lookup(
             lambda var, env, default: "sometimes" if "mode" in var else default
