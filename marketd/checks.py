@@ -30,7 +30,7 @@ EXIT_REDIS_DOWN = 3
 DEFAULT_HEALTH_TIMEOUT_S = 2.0
 DEFAULT_CHECK_TIMEOUT_S = 5.0
 DEFAULT_MAX_BAD_FRACTION = 0.5
-KEY_PREFIX = "ticker:"  # SPEC §3
+KEY_PREFIX = "ticker:"  # docs/contract.md §3
 
 # -- marketd health -------------------------------------------------------------------------------
 

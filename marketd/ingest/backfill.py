@@ -402,7 +402,7 @@ def _record_id(record: TradeRecord | AggTradeRecord) -> int:
 
 def _too_old(cur: int, from_id: int) -> str:
     # Missing at the start of the range: older than what REST keeps. Further in: ids Binance
-    # skipped (they are not promised contiguous, API-NOTES §7.2).
+    # skipped (they are not promised contiguous, docs/binance.md §7.2).
     return "history_too_old" if cur == from_id else "not_on_rest"
 
 

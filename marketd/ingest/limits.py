@@ -1,4 +1,4 @@
-"""Binance's connection limits as shared token buckets on the trio clock (API-NOTES §2).
+"""Binance's connection limits as shared token buckets on the trio clock (docs/binance.md §2).
 
 One `TokenBucket` for connection attempts per IP (300 per 5 minutes; we allow 250) is shared by
 every connection of the process, so a reconnect storm across shards cannot get the IP banned; one

@@ -105,8 +105,8 @@ def consumer_settings(
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
-        # PERF-NOTES §4/§7: the default 1 s fetch queue backoff stalls a fast consumer, and the
-        # mock broker answers a fetch only when fetch.wait.max.ms expires.
+        # docs/performance.md §4 and §7: the default 1 s fetch queue backoff stalls a fast
+        # consumer, and the mock broker answers a fetch only when fetch.wait.max.ms expires.
         "fetch.queue.backoff.ms": 10,
         "fetch.wait.max.ms": 5,
         "logger": _librdkafka_logger(),

@@ -4,7 +4,7 @@
 until any 429/418 block has passed; `observe(...)` feeds back each response: the server's
 `X-MBX-USED-WEIGHT-1M` (weight used by this IP, other processes included) raises our estimate,
 and 429/418 block all requests for Retry-After. Nothing is sent while blocked, so the 429 -> 418
-escalation (API-NOTES §5) cannot happen through us.
+escalation (docs/binance.md §5) cannot happen through us.
 """
 
 from __future__ import annotations

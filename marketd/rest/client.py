@@ -2,8 +2,8 @@
 
 Every call reserves its documented weight in the shared `WeightBudget` first and reports the
 response back to it. Responses are parsed strictly at the edge into typed rows (prices checked
-as plain decimals: `Decimal('NaN')` parses, API-NOTES §7.5); httpx and HTTP failures become the
-errors in marketd.rest.errors. `aclose()` (or `async with`) closes the connection pool.
+as plain decimals: `Decimal('NaN')` parses, docs/binance.md §7.5); httpx and HTTP failures
+become the errors in marketd.rest.errors. `aclose()` (or `async with`) closes the connection pool.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
-# Weights from API-NOTES §5 (current values; aggTrades was raised 2 -> 4 on 2025-03-10).
+# Weights from docs/binance.md §5 (current values; aggTrades was raised 2 -> 4 on 2025-03-10).
 WEIGHTS: Final = {
     "/api/v3/ping": 1,
     "/api/v3/time": 1,

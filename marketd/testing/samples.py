@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from marketd.records import SCHEMA_VERSION, SOURCE, TickerRecord
 
-# Ten liquid symbols of SPEC §1 (MATICUSDT, which never trades, left out): the benches' tape.
+# Ten liquid symbols of docs/contract.md §1 (MATICUSDT, which never trades, left out): the
+# benches' tape.
 BENCH_SYMBOLS = (
     "btcusdt",
     "ethusdt",

@@ -21,18 +21,21 @@ from marketd.logs import Throttle, get_logger
 
 log = get_logger(__name__)
 
-# Latency tuning (PERF-NOTES §4 and §7b). The loop is poll(timeout) then consume(N, timeout=0):
-# poll returns as soon as one message is there, the drain takes what is already queued, and
-# consume(N, timeout=T) -- which waits for N messages or T -- is never used on the hot path.
+# Latency tuning (docs/performance.md §4 and §7). The loop is poll(timeout) then
+# consume(N, timeout=0): poll returns as soon as one message is there, the drain takes what is
+# already queued, and consume(N, timeout=T) -- which waits for N messages or T -- is never used
+# on the hot path.
 MAX_BATCH: Final = 1000  # messages per drain; ~1 ms of consumer work at 1M msgs/s
 POLL_TIMEOUT_S: Final = 0.1  # an idle poll; also bounds how long a drain request waits
 # librdkafka's mock broker answers a fetch only when fetch.wait.max.ms expires, so on the
-# embedded cluster it is the latency floor: 1 ms (p50 1.7 ms end to end, PERF-NOTES §7b). A real
-# broker answers as soon as data arrives (fetch.min.bytes=1); there the wait only paces empty
-# fetches on an idle topic, so 100 ms saves the broker ~1000 empty fetches/s per consumer.
+# embedded cluster it is the latency floor: 1 ms (p50 1.7 ms end to end, docs/performance.md
+# §7). A real broker answers as soon as data arrives (fetch.min.bytes=1); there the wait only
+# paces empty fetches on an idle topic, so 100 ms saves the broker ~1000 empty fetches/s per
+# consumer.
 FETCH_WAIT_MAX_MS_EMBEDDED: Final = 1
 FETCH_WAIT_MAX_MS_BROKER: Final = 100
-# The default 1 s backoff stalls a consumer that drains faster than it refills (PERF-NOTES §4).
+# The default 1 s backoff stalls a consumer that drains faster than it refills
+# (docs/performance.md §4).
 FETCH_QUEUE_BACKOFF_MS: Final = 10
 
 TopicPartition = tuple[str, int]

@@ -2,8 +2,9 @@
 
 Receives Kafka values (bytes) and the wall clock as integers; emits typed `TickerRecord`s or
 `Invalid` rejections, and per batch a `Plan`: the newest acceptable record per symbol plus a
-verdict for every other one (SPEC §4 late-data rules). No trio, Kafka or Redis here: the same
-comparison is repeated atomically in Redis (store.py) so rule 2 also holds across instances.
+verdict for every other one (docs/contract.md §4 late-data rules). No trio, Kafka or Redis here:
+the same comparison is repeated atomically in Redis (store.py) so rule 2 also holds across
+instances.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Limits:
 
 
 def judge(event_time_ms: int, now_ms: int, stored_ms: int | None, limits: Limits) -> Verdict:
-    """SPEC §4 for one record against the newest event time known to be stored (or None)."""
+    """docs/contract.md §4 for one record against the newest event time stored (or None)."""
     if event_time_ms < now_ms - limits.watermark_delay_ms:
         return Verdict.WATERMARK
     if event_time_ms > now_ms + limits.max_future_ms:
@@ -147,7 +148,7 @@ def plan_batch(
     return Plan(writes, skipped)
 
 
-# -- the Redis hash (SPEC §3) ----------------------------------------------------------------------
+# -- the Redis hash (docs/contract.md §3) ---------------------------------------------------------
 
 HASH_FIELDS: Final = (
     "last_price", "price_change", "price_change_pct", "open", "high", "low", "volume",
@@ -161,7 +162,7 @@ def ticker_key(symbol: str) -> str:
 
 
 def hash_fields(record: TickerRecord, updated_at_ms: int) -> list[str | int]:
-    """Field/value pairs of the SPEC §3 hash, flattened for HSET, in HASH_FIELDS order."""
+    """Field/value pairs of the docs/contract.md §3 hash, flattened for HSET, HASH_FIELDS order."""
     return [
         "last_price", record.last_price,
         "price_change", record.price_change,

@@ -106,7 +106,7 @@ def test_kline_windows(interval: str, t: str, tz: str, start: str, end: str) -> 
 
 
 def test_weekly_klines_open_on_monday() -> None:
-    # Binance's REST example open time 1499040000000 is a Monday (API-NOTES §4.3).
+    # Binance's REST example open time 1499040000000 is a Monday (docs/binance.md §4.3).
     assert window_start("1w", 1_499_040_000_000_000 + 3 * 86400 * US) == 1_499_040_000_000_000
 
 

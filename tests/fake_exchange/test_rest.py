@@ -1,4 +1,6 @@
-"""REST endpoints, weights, 429/Retry-After, 418 bans and the time-unit header (API-NOTES §5)."""
+"""REST endpoints, weights, 429/Retry-After, 418 bans and the time-unit header.
+
+docs/binance.md §5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WebSocket handshake, paths, and every payload's keys and JSON types (API-NOTES §1, §4)."""
+"""WebSocket handshake, paths, and every payload's keys and JSON types (docs/binance.md §1, §4)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ async def test_combined_stream_carries_every_kind_with_binance_keys_and_types(st
         for d in data_of(msgs, f"btcusdt@ticker_{w}"):
             assert_shape(d, ROLLING)
             assert d["e"] == f"{w}Ticker"
-            assert d["O"] % 60_000 == 0  # whole minute (API-NOTES §4.6)
+            assert d["O"] % 60_000 == 0  # whole minute (docs/binance.md §4.6)
     for d in data_of(msgs, "btcusdt@avgPrice"):
         assert_shape(d, AVG)
 

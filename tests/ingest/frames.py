@@ -1,4 +1,4 @@
-"""Realistic Binance frames (API-NOTES §4) for ingest tests; times near now so they validate."""
+"""Realistic Binance frames (docs/binance.md §4) for ingest tests; times near now (valid)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--symbols",
         default=",".join(DEFAULT_SYMBOLS),
-        help="comma-separated symbols (default: SPEC's 15; MATICUSDT is listed but silent)",
+        help=(
+            "comma-separated symbols (default: the 15 of docs/contract.md §1; MATICUSDT is "
+            "listed but silent)"
+        ),
     )
     p.add_argument("--seed", type=int, default=1, help="random-walk seed (same seed, same tape)")
     p.add_argument("--ping-interval", type=float, default=20.0, metavar="S")

@@ -1,4 +1,4 @@
-"""The live control protocol on a stream connection (API-NOTES §3).
+"""The live control protocol on a stream connection (docs/binance.md §3).
 
 Receives one client text message and the connection's current subscriptions and `combined`
 property; returns the reply (bytes) and what to change. Pure: the WebSocket task applies it.
@@ -100,7 +100,7 @@ def handle(
         if len(set(subscribed) | {s.name for s in subs}) > MAX_STREAMS:
             return _error(4, "Too many subscriptions", req_id, nested)
         return Outcome(ok, subscribe=tuple(subs))
-    # SET_PROPERTY / GET_PROPERTY: `combined` is the only property (API-NOTES §3).
+    # SET_PROPERTY / GET_PROPERTY: `combined` is the only property (docs/binance.md §3).
     want = 2 if method == "SET_PROPERTY" else 1
     if len(params) > want:
         return _error(2, "Invalid request: too many parameters", req_id, nested)

@@ -52,7 +52,7 @@ class Faults:
     rest_429_until: float = 0.0  # trio time until which REST answers 429 (set via *_for_s)
     rest_503_until: float = 0.0
     nested_errors: bool = False  # control errors as {"error":{code,msg},"id"} (3P shape)
-    enforce_msg_limit: bool = True  # 5 incoming messages/s, else disconnect (API-NOTES §2)
+    enforce_msg_limit: bool = True  # 5 incoming messages/s, else disconnect (docs/binance.md §2)
 
     def validate(self) -> None:
         for name in ("drop_after", "stall_after", "shutdown_after", "skip_every"):

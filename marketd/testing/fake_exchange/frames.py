@@ -1,9 +1,10 @@
 """Binance payload builders and server-side WebSocket framing.
 
 Receives tape rows and statistics; emits payloads with Binance's exact keys and JSON types
-(API-NOTES §4: decimals as 8-decimal strings, ids and times as ints, flags as bools), wrapped for
-combined streams, and unmasked server frames. Trade-like frames are built by string templating,
-whole chunks at a time, because at `--rate max` this is the server's entire per-message cost.
+(docs/binance.md §4: decimals as 8-decimal strings, ids and times as ints, flags as bools),
+wrapped for combined streams, and unmasked server frames. Trade-like frames are built by string
+templating, whole chunks at a time, because at `--rate max` this is the server's entire
+per-message cost.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class TickerFigures:
             self.c = tape.price[win.hi - 1 - base]
             self.h, self.l, self.v, self.q = win.h, win.l, win.v, win.q
             self.w = win.q // win.v if win.v else self.c
-            # `x` is the last price before the window (API-NOTES §4.4).
+            # `x` is the last price before the window (docs/binance.md §4.4).
             self.x = tape.price_before(win.lo - base) if win.lo > base else self.o
         else:
             last = tape.price[-1] if len(tape.price) else tape.spec.price_e8

@@ -64,8 +64,9 @@ _KNOWN: dict[str, SymbolSpec] = {
     )
 }
 
-# SPEC §1's 15 symbols. MATICUSDT was replaced by POL on Binance: it is listed (status BREAK) but
-# never trades, so "a symbol that never delivers data shows as missing" can be demonstrated.
+# The 15 symbols of docs/contract.md §1. MATICUSDT was replaced by POL on Binance: it is listed
+# (status BREAK) but never trades, so "a symbol that never delivers data shows as missing" can
+# be demonstrated.
 DEFAULT_SYMBOLS: tuple[str, ...] = (
     "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT",
     "DOTUSDT", "MATICUSDT", "LINKUSDT", "LTCUSDT", "UNIUSDT", "ATOMUSDT", "SHIBUSDT",

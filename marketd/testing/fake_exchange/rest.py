@@ -2,7 +2,7 @@
 
 Receives parsed requests (path, query, headers); returns status, JSON body and headers. Every
 answer carries `X-MBX-USED-WEIGHT-1M`; over the weight limit the client gets 429 + Retry-After,
-and a client that keeps going before Retry-After is banned with 418 (API-NOTES §5).
+and a client that keeps going before Retry-After is banned with 418 (docs/binance.md §5).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _limit(params: Mapping[str, str], default: int = 500) -> int:
 
 
 def _time_us(params: Mapping[str, str], name: str) -> int | None:
-    """startTime/endTime in ms or µs (API-NOTES §5): 16 digits means µs.
+    """startTime/endTime in ms or µs (docs/binance.md §5): 16 digits means µs.
 
     Both are inclusive, so an endTime in ms covers its whole millisecond.
     """
@@ -236,7 +236,7 @@ def _exchange_info(api: RestApi, params: Mapping[str, str], div: int) -> Any:
         symbols.append(
             {
                 "symbol": sym,
-                # Binance lists delisted symbols as BREAK: no market data (API-NOTES §7.7).
+                # Binance lists delisted symbols as BREAK: no market data (docs/binance.md §7.7).
                 "status": "BREAK" if sym in market.silent else "TRADING",
                 "baseAsset": spec.base_asset,
                 "baseAssetPrecision": 8,

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from marketd.testing.fake_exchange.ws import WsConnection
 
 # Rolling windows the periodic streams need, by key: length in µs and whether the window start
-# is floored to a whole minute (the ticker_<w> streams, API-NOTES §4.6).
+# is floored to a whole minute (the ticker_<w> streams, docs/binance.md §4.6).
 WINDOWS: dict[str, tuple[int, bool]] = {
     "24h": (86400 * US, False),
     "1h": (3600 * US, True),
@@ -40,14 +40,14 @@ class ExchangeConfig:
     rate: int | None = 200  # trades/s across subscribed symbols; None = as fast as clients read
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
     seed: int = 1
-    ping_interval_s: float = 20.0  # API-NOTES §2 (since 2025-02)
+    ping_interval_s: float = 20.0  # docs/binance.md §2 (since 2025-02)
     pong_timeout_s: float = 60.0
     retention: int = 1_000_000  # trades kept per symbol for REST and klines
     speed: float = 1.0  # simulated seconds per real second
     start_time_ms: int | None = None  # simulated clock start (default: now)
     chunk_frames: int = 256  # frames per socket write at --rate max
     background_rate: int = 50  # at --rate max: trades/s for symbols only periodic streams use
-    weight_limit: int = 6000  # REQUEST_WEIGHT per minute (API-NOTES §5)
+    weight_limit: int = 6000  # REQUEST_WEIGHT per minute (docs/binance.md §5)
     ban_after_strikes: int = 3  # requests ignoring Retry-After before a 418
     ban_s: int = 120  # first ban: 2 minutes
     faults: Faults = attrs.field(factory=Faults)

@@ -22,7 +22,7 @@ _FIXED_S: dict[str, int] = {
     "2h": 7200, "4h": 14400, "6h": 21600, "8h": 28800, "12h": 43200, "1d": 86400,
     "3d": 3 * 86400, "1w": 7 * 86400,
 }  # fmt: skip
-# 1970-01-01 was a Thursday; weekly klines open on Monday 00:00 (API-NOTES §4.3).
+# 1970-01-01 was a Thursday; weekly klines open on Monday 00:00 (docs/binance.md §4.3).
 _MONDAY_OFFSET_US = 4 * 86400 * US
 
 
@@ -35,7 +35,7 @@ def window_start(interval: str, t_us: int, tz_us: int = 0) -> int:
     length = _FIXED_S[interval] * US
     if interval == "1w":
         return (local - _MONDAY_OFFSET_US) // length * length + _MONDAY_OFFSET_US - tz_us
-    # 3d alignment is undocumented (API-NOTES §9): epoch-aligned here.
+    # 3d alignment is undocumented (docs/binance.md §9): epoch-aligned here.
     return local // length * length - tz_us
 
 

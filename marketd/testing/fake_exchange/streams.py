@@ -1,4 +1,4 @@
-"""Stream names the fake exchange understands (Binance's grammar, API-NOTES §1, §4).
+"""Stream names the fake exchange understands (Binance's grammar, docs/binance.md §1, §4).
 
 Receives names from URLs (percent-decoded here) and SUBSCRIBE params; emits `Sub`s saying what
 to send. Streams Binance has but the simulator does not produce (depth, referencePrice,
@@ -30,7 +30,7 @@ class Kind(enum.Enum):
 
 
 TAPE_KINDS = frozenset({Kind.TRADE, Kind.AGG_TRADE, Kind.BOOK_TICKER})
-MAX_STREAMS = 1024  # per connection (API-NOTES §2)
+MAX_STREAMS = 1024  # per connection (docs/binance.md §2)
 
 
 @attrs.frozen
@@ -100,7 +100,7 @@ class Target:
 def parse_target(target: str) -> Target:
     """`/stream?streams=a/b`, `/ws`, `/ws/a/b`, each with optional `timeUnit=`.
 
-    Stream names may be percent-encoded (API-NOTES §1). The query is split by hand: `+` is a
+    Stream names may be percent-encoded (docs/binance.md §1). The query is split by hand: `+` is a
     literal plus here (`@+08:00`), not a space as in form encoding.
     """
     path, _, query = target.partition("?")

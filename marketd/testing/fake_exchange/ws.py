@@ -45,7 +45,7 @@ from marketd.testing.fake_exchange.streams import TAPE_KINDS, Kind, Sub, Target
 log = get_logger(__name__)
 _throttle = Throttle(10.0)
 
-MSG_LIMIT_PER_S = 5  # incoming messages per second per connection (API-NOTES §2)
+MSG_LIMIT_PER_S = 5  # incoming messages per second per connection (docs/binance.md §2)
 MAX_CONTROL_MESSAGE = 64 * 1024
 PAUSE_POLL_S = 0.1  # how often paused tasks re-read the fault switches
 PACED_CHUNK_TRADES = 4096  # per symbol per write when catching up at a paced rate
@@ -82,7 +82,7 @@ class _TapeState:
     def __init__(self, tape: Tape, tpl: TapeTemplates) -> None:
         self.tape = tape
         self.tpl = tpl
-        self.cursor = tape.end_id  # live from now: Binance never replays (API-NOTES §7.1)
+        self.cursor = tape.end_id  # live from now: Binance never replays (docs/binance.md §7.1)
         self.agg_cursor = tape.agg_end
         self.trade = self.agg = self.book = False
         self.since_skip = 0
@@ -169,7 +169,7 @@ class WsConnection:
         for sym, kinds in wants.items():
             tape = self.state.market.tape(sym)
             if tape is None:
-                continue  # delisted/unknown: subscribed, never delivers (API-NOTES §3)
+                continue  # delisted/unknown: subscribed, never delivers (docs/binance.md §3)
             tpl = TapeTemplates(sym, self.combined, self.micros)
             st = self._tape.get(sym)
             if st is None:
@@ -351,7 +351,7 @@ class WsConnection:
 
     def _on_pong(self, payload: bytes) -> None:
         # Only a pong echoing an outstanding ping counts; unsolicited pongs do not keep the
-        # connection alive (API-NOTES §2).
+        # connection alive (docs/binance.md §2).
         if payload not in self._pings:
             return
         while self._pings:
@@ -588,7 +588,7 @@ class WsConnection:
                     win = state.window(sym, "24h", now)
                     assert win is not None
                     items.append(mini_ticker_dict(sym, TickerFigures(win), now, div))
-            if not items:  # the array carries only symbols that changed (API-NOTES §4.5)
+            if not items:  # the array carries only symbols that changed (docs/binance.md §4.5)
                 return []
             return [self._frame(sub.name, orjson.dumps(items), "!miniTicker@arr", "*")]
         assert sub.symbol is not None
@@ -630,7 +630,7 @@ class WsConnection:
         if tape is None:
             return []
         interval, tz = sub.interval, sub.tz_us
-        period = 1_000_000 if interval == "1s" else 2_000_000  # API-NOTES §4.3
+        period = 1_000_000 if interval == "1s" else 2_000_000  # docs/binance.md §4.3
         st = self._klines.get(sub.name)
         if st is None:
             start = window_start(interval, now, tz)
