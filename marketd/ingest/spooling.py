@@ -1,5 +1,10 @@
 """The producer stage with a Kafka-outage spool: batches in, Kafka or the on-disk spool out.
 
+This module is the thin driver: it receives batches, performs the commands of the delivery state
+machine (`ingest/delivery.py`, pure: where the bookkeeping and its invariants live) against
+librdkafka (through `KafkaSink`) and the spool files, and feeds results and delivery reports back
+to it. What the stage does, as a whole:
+
 Receives batches from the batcher, like `run_producer`. While Kafka acknowledges, batches go
 straight to the producer (live), which keeps each record until its ack. When Kafka stops
 answering (records in flight and no ack for `spool.outage_after_s`, every broker reported down,
