@@ -1,21 +1,121 @@
 """Batched Redis reads for the API: concurrent requests share one pipelined round trip.
 
 Receives `read(symbols)` calls from request handlers; one reader task takes every request that
-is waiting, reads the union of their keys with one HGETALL pipeline in a worker thread (sync
-redis-py: redis.asyncio does not work under trio), and answers each. A request that arrives while
-a read is in flight waits for the next one: an answer always reflects Redis at or after the
-request arrived (no cache). Why: the thread hop (~150 µs) per request halved throughput
-(PERF-NOTES §6); per batch it is paid once. When the reader stops, waiting requests fail.
+is waiting, reads the union of their keys with one HGETALL pipeline, and answers each. A request
+that arrives while a read is in flight waits for the next one: an answer always reflects Redis at
+or after the request arrived (no cache). When the reader stops, waiting requests fail.
+
+The pipeline goes over `NativeReads`, a read-only RESP client on a trio socket (replies parsed by
+hiredis), so a batch costs no thread hop. Why: the thread hop (~150 µs, docs/performance.md §6)
+per request halved throughput; per batch it was still paid once, and in the default daemon every
+hop also waits for the GIL behind the ingest and ticker threads (BENCHMARKS.md, "HTTP API").
+Stores that are not plain TCP (TLS, unix socket) use the sync redis-py client in a worker thread
+(redis.asyncio does not work under trio).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import hiredis
 import trio
 
 from marketd.errors import StoreUnavailable
-from marketd.tickers.store import TickerStore
+from marketd.tickers.rules import ticker_key
+from marketd.tickers.store import TcpAddress, TickerStore
+
+
+def _command(*parts: str | bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        raw = part.encode() if isinstance(part, str) else part
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+class NativeReads:
+    """Pipelined HGETALLs over one trio TCP connection; (re)connects on demand.
+
+    Used by one task at a time (the reader task). Any failure closes the connection and becomes
+    StoreUnavailable; the next read reconnects. Each read is bounded by the store's timeout.
+    """
+
+    def __init__(self, address: TcpAddress, client_name: str = "marketd-api-reads") -> None:
+        self.address = address
+        self.client_name = client_name
+        self._stream: trio.SocketStream | None = None
+        self._reader = hiredis.Reader()
+
+    async def _connect(self) -> trio.SocketStream:
+        a = self.address
+        stream = await trio.open_tcp_stream(a.host, a.port)
+        self._reader = hiredis.Reader()
+        setup: list[bytes] = []
+        if a.password is not None:
+            args = (a.username, a.password) if a.username else (a.password,)
+            setup.append(_command("AUTH", *args))
+        if a.db:
+            setup.append(_command("SELECT", str(a.db)))
+        setup.append(_command("CLIENT", "SETNAME", self.client_name))
+        self._stream = stream
+        for reply in await self._roundtrip(b"".join(setup), len(setup)):
+            if isinstance(reply, hiredis.ReplyError):
+                raise StoreUnavailable(f"redis refused the connection setup: {reply}")
+        return stream
+
+    async def _roundtrip(self, payload: bytes, replies: int) -> list[Any]:
+        assert self._stream is not None
+        await self._stream.send_all(payload)
+        out: list[Any] = []
+        while len(out) < replies:
+            reply = self._reader.gets()
+            if reply is False:
+                data = await self._stream.receive_some(65536)
+                if not data:
+                    raise StoreUnavailable("redis closed the connection")
+                self._reader.feed(data)
+                continue
+            out.append(reply)
+        return out
+
+    async def read(self, symbols: Sequence[str]) -> list[dict[str, str]]:
+        try:
+            with trio.fail_after(self.address.timeout_s):
+                if self._stream is None:
+                    await self._connect()
+                payload = b"".join(_command("HGETALL", ticker_key(s)) for s in symbols)
+                replies = await self._roundtrip(payload, len(symbols))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await self.close()
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        except trio.TooSlowError as exc:
+            await self.close()
+            raise StoreUnavailable(f"redis did not answer in {self.address.timeout_s:g}s") from exc
+        except (StoreUnavailable, hiredis.ProtocolError) as exc:
+            await self.close()
+            if isinstance(exc, StoreUnavailable):
+                raise
+            raise StoreUnavailable(f"redis: unreadable reply: {exc}") from exc
+        rows: list[dict[str, str]] = []
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                # WRONGTYPE: something else owns a ticker key. Surface it; never guess.
+                raise StoreUnavailable(f"redis refused the read: {reply}")
+            it = iter(reply)
+            rows.append(
+                {
+                    k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                    for k, v in zip(it, it, strict=False)
+                }
+            )
+        return rows
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
 
 
 class _Request:
@@ -29,8 +129,10 @@ class _Request:
 
 
 class TickerReader:
-    def __init__(self, store: TickerStore) -> None:
+    def __init__(self, store: TickerStore, *, native: bool = True) -> None:
         self._store = store
+        address = store.tcp_address() if native else None
+        self._native = NativeReads(address) if address is not None else None
         self._limiter = trio.CapacityLimiter(1)
         self._waiting: list[_Request] = []
         self._wakeup = trio.Event()
@@ -63,6 +165,8 @@ class TickerReader:
 
     async def close_store(self) -> None:
         """Close the store once no read is in flight (same limiter as the reads)."""
+        if self._native is not None:
+            await self._native.close()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._store.close, limiter=self._limiter)
 
@@ -79,6 +183,8 @@ class TickerReader:
                     if batch:
                         await self._serve(batch)
         finally:
+            if self._native is not None:
+                await self._native.close()  # ours, whoever owns the store
             self._stopped = True
             stopped = StoreUnavailable("the API's Redis reader stopped")
             for request in (*batch, *self._waiting):
@@ -91,7 +197,10 @@ class TickerReader:
         keys = list(dict.fromkeys(s for request in batch for s in request.symbols))
         self.batches += 1
         try:
-            rows = await trio.to_thread.run_sync(self._store.read, keys, limiter=self._limiter)
+            if self._native is not None:
+                rows = await self._native.read(keys)
+            else:
+                rows = await trio.to_thread.run_sync(self._store.read, keys, limiter=self._limiter)
         except StoreUnavailable as exc:
             for request in batch:
                 request.error = exc

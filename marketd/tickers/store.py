@@ -69,6 +69,16 @@ class WriteResult:
     update_id: str | None = None  # the `tickers:updates` entry of a STORED write
 
 
+@attrs.frozen(kw_only=True)
+class TcpAddress:
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None = attrs.field(repr=False)
+    timeout_s: float
+
+
 @attrs.frozen
 class Update:
     """One entry of `tickers:updates`: a stored ticker (the SPEC §3 hash fields) and its id."""
@@ -136,6 +146,21 @@ class TickerStore:
 
     def close(self) -> None:
         self._client.close()
+
+    def tcp_address(self) -> TcpAddress | None:
+        """Where a trio-native reader can connect (plain TCP only: not TLS, not a unix socket)."""
+        pool = self._client.connection_pool
+        if pool.connection_class is not redis.Connection:
+            return None
+        kw = pool.connection_kwargs
+        return TcpAddress(
+            host=str(kw.get("host", "localhost")),
+            port=int(kw.get("port", 6379)),
+            db=int(kw.get("db", 0) or 0),
+            username=kw.get("username"),
+            password=kw.get("password"),
+            timeout_s=float(kw.get("socket_timeout") or 2.0),
+        )
 
     def ping(self) -> None:
         try:

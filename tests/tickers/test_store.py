@@ -10,7 +10,7 @@ import redis
 from marketd.errors import StoreUnavailable
 from marketd.tickers.redis_server import RedisProcess
 from marketd.tickers.rules import HASH_FIELDS
-from marketd.tickers.store import TickerStore, WriteStatus
+from marketd.tickers.store import UPDATES_KEY, TickerStore, WriteStatus, parse_update_id
 from tests.tickers.records import now_ms, ticker
 
 pytestmark = pytest.mark.redis
@@ -106,3 +106,40 @@ def test_down_redis_is_store_unavailable(redis_server: RedisProcess) -> None:
             store.ping()
     finally:
         store.close()
+
+
+def test_each_stored_write_and_only_those_is_appended_to_the_update_stream(
+    store: TickerStore, raw: redis.Redis
+) -> None:
+    t = now_ms()
+    [first] = store.write([ticker("BTCUSDT", t, last_price="1.0")], t, 60)
+    store.write([ticker("BTCUSDT", t - 1), ticker("BTCUSDT", t)], t, 60)  # older, duplicate
+    [second] = store.write([ticker("ETHUSDT", t, last_price="2.0")], t, 60)
+    entries = raw.xrange(UPDATES_KEY)
+    assert [e[0] for e in entries] == [first.update_id, second.update_id]
+    assert entries[0][1]["symbol"] == "BTCUSDT" and entries[0][1]["last_price"] == "1.0"
+    assert entries[0][1]["event_time"] == str(t)
+
+
+def test_snapshot_and_changes_since(store: TickerStore) -> None:
+    t = now_ms()
+    [a] = store.write([ticker("BTCUSDT", t)], t, 60)
+    snap = store.snapshot(["BTCUSDT", "ETHUSDT"])
+    assert snap.last_id == a.update_id and snap.rows[0]["event_time"] == str(t)
+    assert snap.rows[1] == {}
+    store.write([ticker("ETHUSDT", t, last_price="5.0")], t, 60)
+    store.write([ticker("BTCUSDT", t + 1, last_price="6.0")], t, 60)
+    [last] = store.write([ticker("BTCUSDT", t + 2, last_price="7.0")], t, 60)
+    assert a.update_id is not None
+    changes = store.changes_since(a.update_id, None, page=2)  # several pages
+    assert changes.known and changes.last_id == last.update_id
+    assert [(u.symbol, u.fields["last_price"]) for u in changes.latest] == [
+        ("ETHUSDT", "5.0"),
+        ("BTCUSDT", "7.0"),
+    ]
+    only_eth = store.changes_since(a.update_id, frozenset({"ETHUSDT"}))
+    assert [u.symbol for u in only_eth.latest] == ["ETHUSDT"]
+    assert not store.changes_since("1-0", None).known  # not in the stream: resynchronise
+    assert store.wait_updates(last.update_id or "", 10) == []
+    assert [u.id for u in store.wait_updates(a.update_id, 10)][-1] == last.update_id
+    assert parse_update_id("12-3") == (12, 3) and parse_update_id("12") is None
