@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -115,7 +116,7 @@ def test_each_stored_write_and_only_those_is_appended_to_the_update_stream(
     [first] = store.write([ticker("BTCUSDT", t, last_price="1.0")], t, 60)
     store.write([ticker("BTCUSDT", t - 1), ticker("BTCUSDT", t)], t, 60)  # older, duplicate
     [second] = store.write([ticker("ETHUSDT", t, last_price="2.0")], t, 60)
-    entries = raw.xrange(UPDATES_KEY)
+    entries: list[Any] = raw.xrange(UPDATES_KEY)  # type: ignore[assignment]
     assert [e[0] for e in entries] == [first.update_id, second.update_id]
     assert entries[0][1]["symbol"] == "BTCUSDT" and entries[0][1]["last_price"] == "1.0"
     assert entries[0][1]["event_time"] == str(t)
