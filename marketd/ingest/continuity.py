@@ -10,6 +10,11 @@ Per-symbol guarantee of `TradeGate` (what `marketd verify tape` checks): each sy
 emitted with strictly increasing ids, each id at most once; an id is skipped only after a gap
 record (repaired=false) for it was emitted, in tape order. Backfilled trades are emitted in
 their place in that order (never after a later live trade), flagged `backfill=True`.
+
+No single corrupt value may make a gate discard the valid data after it (README, "Guarantees and
+behaviour"): the trade gate holds an id that is implausibly far from its tape aside until the next
+trade confirms it (or quarantines it), and the kline and ticker gates only trust what a second
+record corroborates.
 """
 
 from __future__ import annotations
@@ -30,12 +35,24 @@ from marketd.records import SCHEMA_VERSION, GapRecord
 R = TypeVar("R")
 
 DEFAULT_GAP_GRACE_S: Final = 1.0
-# A seeded symbol whose first live trade is this far below the seed has a new tape (a test
-# exchange restarted, a topic re-used across environments): Binance never re-sends old trades
-# on a connection, so it is not a duplicate. Closer below the seed, ids are dropped as already
-# published (the hypothesis tests feed such orders).
+# A live trade this far below its tape (the seed, or what this process published) is no lagging
+# copy: Binance never re-sends old trades on a connection. Once the next trade continues it, it
+# is a new tape (a test exchange restarted, a topic re-used across environments); otherwise it
+# was an outlier. Closer below, ids are dropped as already published (the overlap of two
+# connections; the hypothesis tests feed such orders).
 TAPE_RESET_IDS: Final = 100_000
 DEFAULT_MAX_HELD: Final = 50_000
+# How far a live trade id may plausibly jump ahead of its tape: BASE ids at once, plus
+# TRADE_RATE_PER_S ids per second since the symbol's last live trade (counted for at most
+# STEP_HORIZON_S). The rate is a design assumption, not a Binance figure: well above what the
+# busiest spot symbols trade, so a reconnect's hole always fits, while a corrupt id (10^12,
+# 2^62) does not (README, "Guarantees and behaviour"). A jump beyond the bound is not trusted
+# blindly: the trade waits aside until the next live trade of its symbol continues it (a real
+# jump: a restart after a long stop, or a new tape) or continues the old tape (an outlier: the
+# held trade goes to the dead-letter topic as implausible_id).
+ID_STEP_BASE: Final = 10_000
+TRADE_RATE_PER_S: Final = 100_000
+STEP_HORIZON_S: Final = 3_600.0
 
 # -- actions --------------------------------------------------------------------------------------
 
@@ -77,7 +94,15 @@ class PublishGap:
     gap: GapRecord
 
 
-Action = Emit[R] | RequestBackfill | RequestKlines | PublishGap
+@attrs.frozen
+class Quarantine(Generic[R]):
+    """Do not publish `record`: dead-letter it (reason implausible_id) with `detail`."""
+
+    record: R
+    detail: str
+
+
+Action = Emit[R] | RequestBackfill | RequestKlines | PublishGap | Quarantine[R]
 
 
 class LostRange(NamedTuple):
@@ -101,7 +126,15 @@ class _GapMetrics:
             "overlap_duplicates", "records dropped as already emitted", ["kind", "source"]
         )
         self.resets = m.counter(
-            "tape_resets", "seeded symbols whose live tape started far below the seed", ["kind"]
+            "tape_resets",
+            "symbols whose live tape restarted far below the one published (confirmed by a "
+            "second trade)",
+            ["kind"],
+        )
+        self.outliers = m.counter(
+            "gate_outliers",
+            "live trades held aside as implausibly far from their tape, by outcome",
+            ["kind", "outcome"],
         )
 
 
@@ -142,6 +175,17 @@ class _Request:
 
 
 @attrs.define
+class _Suspect(Generic[R]):
+    """A live trade implausibly far from the tape, waiting for the next trade's verdict."""
+
+    trade_id: int
+    record: R
+    trade_time: int | None
+    since: float  # caller's monotonic clock, when it arrived
+    below: bool  # far below the tape (a new tape?) rather than far above (a jump?)
+
+
+@attrs.define
 class _Trades(Generic[R]):
     last: int | None = None  # last emitted id
     last_time: int | None = None
@@ -153,6 +197,10 @@ class _Trades(Generic[R]):
     # The last id a previous process published (`TradeGate.seed`): while `top` is still this id,
     # nothing of this process has been taken yet, and a jump past it is the restart's hole.
     seed: int | None = None
+    # The tape's position was corroborated: seeded, or a second live trade continued the first.
+    confirmed: bool = False
+    last_live: float | None = None  # caller's clock at the last live trade taken
+    suspect: _Suspect[R] | None = None
 
 
 class TradeGate(Generic[R]):
@@ -205,9 +253,9 @@ class TradeGate(Generic[R]):
             raise ValueError(f"seed for {symbol!r} must be a trade id >= 0, not {last_id!r}")
         st = self._state.get(symbol)
         if st is None:
-            self._state[symbol] = _Trades(last=last_id, top=last_id, seed=last_id)
+            self._state[symbol] = _Trades(last=last_id, top=last_id, seed=last_id, confirmed=True)
             return
-        if st.seed is None or st.top != st.seed or st.held:
+        if st.seed is None or st.top != st.seed or st.held or st.suspect is not None:
             raise ValueError(
                 f"cannot seed {symbol!r} with {last_id}: it already has trades (last {st.last})"
             )
@@ -223,33 +271,41 @@ class TradeGate(Generic[R]):
         now: float,
         trade_time_ms: int | None = None,
     ) -> list[Action[R]]:
-        """A trade from a live connection. `trade_time_ms` only feeds gap records' times."""
+        """A trade from a live connection. `trade_time_ms` only feeds gap records' times.
+
+        A trade implausibly far from the tape (see ID_STEP_BASE and TAPE_RESET_IDS) is held
+        aside: the next live trade of the symbol either continues it (it is taken, as a jump
+        or, far below, as a new tape) or continues the tape (it is quarantined).
+        """
         st = self._state.get(symbol)
         if st is None:
             st = self._state[symbol] = _Trades()
         last = st.last
-        # Fast path: the next id, nothing held (every trade on a healthy connection).
-        if last is not None and trade_id == last + 1 and not st.held:
+        # Fast path: the next id, nothing held or aside (every trade on a healthy connection).
+        if last is not None and trade_id == last + 1 and not st.held and st.suspect is None:
             st.last = st.top = trade_id
             st.last_time = trade_time_ms
+            st.last_live = now
+            st.confirmed = True
             return [Emit(record)]
-        if last is None or (
-            st.seed is not None
-            and st.top == st.seed
-            and not st.held
-            and trade_id < st.seed - TAPE_RESET_IDS
-        ):
-            # First trade of this symbol: nothing to compare with (or a new tape, see
-            # TAPE_RESET_IDS: the seed does not apply to it).
-            if last is not None:
-                self._resets.inc()
+        if last is None:
+            # First trade of an unseeded symbol: nothing to compare with. Taken; should it be
+            # an outlier, the real tape far below it resets the symbol (TAPE_RESET_IDS), one far
+            # above it starts afresh instead of asking REST for the ids in between.
             st.last = st.top = trade_id
-            st.seed = None
             st.last_time = trade_time_ms
-            st.reconnected = False
+            st.last_live = now
             return [Emit(record)]
         out: list[Action[R]] = []
-        self._accept(symbol, st, trade_id, record, False, trade_time_ms, now, out)
+        suspect = st.suspect
+        if suspect is not None:
+            self._judge(symbol, st, suspect, trade_id, record, trade_time_ms, now, out)
+        else:
+            below = self._far(st, trade_id, now)
+            if below is not None:
+                st.suspect = _Suspect(trade_id, record, trade_time_ms, now, below)
+                return out
+            self._take_live(symbol, st, trade_id, record, trade_time_ms, now, out)
         self._drain(symbol, st, out)
         self._due(symbol, st, now, out)
         return out
@@ -275,6 +331,10 @@ class TradeGate(Generic[R]):
         if st is None or st.last is None:
             return out  # nothing was requested for this symbol
         for trade_id, trade_time, record in trades:
+            if not any(r.from_id <= trade_id <= r.to_id for r in st.requests):
+                # Not (or no longer) asked for: already emitted, or of a tape since reset.
+                self._dup_backfill.inc()
+                continue
             if self._accept(symbol, st, trade_id, record, True, trade_time, now, out):
                 for req in st.requests:
                     if req.from_id <= trade_id <= req.to_id:
@@ -330,6 +390,9 @@ class TradeGate(Generic[R]):
             if st.holes and st.last is not None:
                 self._lose(st, st.last + 1, st.top, reason)
                 self._drain(symbol, st, out)
+            if st.suspect is not None:
+                self._quarantine(st, st.suspect, f"no trade confirmed it before {reason}", out)
+                st.suspect = None
         return out
 
     # -- state, for metrics, health and tests --------------------------------------------------
@@ -349,6 +412,105 @@ class TradeGate(Generic[R]):
         return [] if st is None else [(h.from_id, h.to_id) for h in st.holes]
 
     # -- internals ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _step(since: float | None, now: float) -> int:
+        """How far ahead of the tape a live id may plausibly be, `now - since` after the last."""
+        elapsed = 0.0 if since is None else min(max(now - since, 0.0), STEP_HORIZON_S)
+        return ID_STEP_BASE + int(TRADE_RATE_PER_S * elapsed)
+
+    def _far(self, st: _Trades[R], trade_id: int, now: float) -> bool | None:
+        """True: implausibly far below the tape; False: far above it; None: plausible."""
+        assert st.last is not None
+        if trade_id < st.last - TAPE_RESET_IDS:
+            return True
+        if trade_id > st.top + self._step(st.last_live, now):
+            return False
+        return None
+
+    def _take_live(
+        self,
+        symbol: str,
+        st: _Trades[R],
+        trade_id: int,
+        record: R,
+        trade_time: int | None,
+        now: float,
+        out: list[Action[R]],
+    ) -> None:
+        if self._accept(symbol, st, trade_id, record, False, trade_time, now, out):
+            st.last_live = now
+            st.confirmed = True
+
+    def _judge(
+        self,
+        symbol: str,
+        st: _Trades[R],
+        s: _Suspect[R],
+        trade_id: int,
+        record: R,
+        trade_time: int | None,
+        now: float,
+        out: list[Action[R]],
+    ) -> None:
+        """The first live trade after a suspect decides about it."""
+        assert st.last is not None
+        if trade_id == s.trade_id:  # the other connection's copy: no verdict yet
+            self._dup_live.inc()
+            return
+        below = self._far(st, trade_id, now)
+        if below is None and trade_id > st.last and trade_id not in st.held:
+            # The tape goes on where it was: the suspect was an outlier.
+            st.suspect = None
+            self._quarantine(st, s, f"the next trade ({trade_id}) continued the tape", out)
+            self._take_live(symbol, st, trade_id, record, trade_time, now, out)
+            return
+        if below is s.below and s.trade_id < trade_id <= s.trade_id + self._step(s.since, now):
+            # The next trade continues the suspect: it was real.
+            st.suspect = None
+            self._m.outliers.labels(self.kind, "confirmed").inc()
+            if s.below or not st.confirmed:
+                self._reset(symbol, st, s, out)
+            else:
+                self._take_live(symbol, st, s.trade_id, s.record, s.trade_time, s.since, out)
+            self._take_live(symbol, st, trade_id, record, trade_time, now, out)
+            return
+        if below is None:  # plausible but not new: a lagging connection's copy
+            self._dup_live.inc()
+            return
+        # Far from both: the newer one waits for its verdict, the older one is given up.
+        self._quarantine(st, s, f"the next trade ({trade_id}) did not continue it", out)
+        st.suspect = _Suspect(trade_id, record, trade_time, now, below)
+
+    def _reset(self, symbol: str, st: _Trades[R], s: _Suspect[R], out: list[Action[R]]) -> None:
+        """A new tape starts at the suspect: the old one's open holes become gap records and
+        what it holds is released first; its pending backfills no longer apply."""
+        assert st.last is not None
+        if st.holes:
+            self._lose(st, st.last + 1, st.top, "tape_reset")
+            self._drain(symbol, st, out)
+        self._resets.inc()
+        st.held.clear()
+        st.holes.clear()
+        st.requests.clear()
+        st.last = st.top = s.trade_id
+        st.last_time = s.trade_time
+        st.last_live = s.since
+        st.seed = None
+        st.reconnected = False
+        st.confirmed = True
+        out.append(Emit(s.record))
+
+    def _quarantine(self, st: _Trades[R], s: _Suspect[R], why: str, out: list[Action[R]]) -> None:
+        self._m.outliers.labels(self.kind, "quarantined").inc()
+        where = "below" if s.below else "above"
+        out.append(
+            Quarantine(
+                s.record,
+                f"{self.kind} id {s.trade_id} is implausibly far {where} the tape "
+                f"(last {st.last}) and {why}",
+            )
+        )
 
     def _accept(
         self,
@@ -502,7 +664,8 @@ class TradeGate(Generic[R]):
 @attrs.define
 class _Klines:
     recent: OrderedDict[tuple[int, int], None] = attrs.field(factory=OrderedDict)
-    closed: OrderedDict[int, None] = attrs.field(factory=OrderedDict)
+    # Open times of klines emitted closed -> the event time of that close (None: from REST).
+    closed: OrderedDict[int, int | None] = attrs.field(factory=OrderedDict)
     last_closed: int | None = None  # open time of the newest closed kline emitted
     last_open: int | None = None  # newest open time emitted
     reconnected: bool = False
@@ -515,6 +678,12 @@ class KlineGate(Generic[R]):
     stream (the stream name carries symbol, interval and timezone), and stale when its kline was
     already emitted closed (a lagging connection must not overwrite the final values). Memory is
     bounded to `memory` keys per stream: overlaps last seconds, updates come every 1-2 s.
+
+    A close is only final when it is plausible: its event time is not before the kline's close
+    time (Binance sends the final version a few ms after it). A premature "closed" update is
+    emitted like any other and the real close still follows. Of two live closes of one kline,
+    the earlier event time wins (a corrupt one dated ahead cannot hold back the real one); a
+    close recovered over REST is final.
     """
 
     def __init__(self, *, memory: int = 256, metrics: MetricsFactory | None = None) -> None:
@@ -540,13 +709,23 @@ class KlineGate(Generic[R]):
         event_time: int,
         is_closed: bool,
         record: R,
+        *,
+        close_time: int | None = None,
     ) -> list[Action[R]]:
+        """A live kline update; `close_time` (when known) tells a plausible close apart."""
         st = self._state.get(stream)
         if st is None:
             st = self._state[stream] = _Klines()
-        if open_time in st.closed or (open_time, event_time) in st.recent:
+        if (open_time, event_time) in st.recent:
             self._dup_live.inc()
             return []
+        final = is_closed and (close_time is None or event_time >= close_time)
+        if open_time in st.closed:
+            closed_at = st.closed[open_time]
+            if not final or closed_at is None or event_time >= closed_at:
+                self._dup_live.inc()
+                return []
+            # An earlier close than the one emitted: that one was dated ahead; this one wins.
         out: list[Action[R]] = []
         if st.reconnected:
             st.reconnected = False
@@ -556,7 +735,7 @@ class KlineGate(Generic[R]):
                 out.append(
                     RequestKlines(stream, symbol, interval, floor, open_time - 1, "reconnect")
                 )
-        self._remember(st, open_time, event_time, is_closed)
+        self._remember(st, open_time, event_time, final)
         out.append(Emit(record))
         return out
 
@@ -570,7 +749,7 @@ class KlineGate(Generic[R]):
             if open_time in st.closed:
                 self._dup_backfill.inc()
                 continue
-            self._remember(st, open_time, -1, True)
+            self._remember(st, open_time, None, True)
             out.append(Emit(record, True))
         return out
 
@@ -600,14 +779,16 @@ class KlineGate(Generic[R]):
             )
         return out
 
-    def _remember(self, st: _Klines, open_time: int, event_time: int, is_closed: bool) -> None:
-        st.recent[(open_time, event_time)] = None
+    def _remember(
+        self, st: _Klines, open_time: int, event_time: int | None, is_closed: bool
+    ) -> None:
+        st.recent[(open_time, -1 if event_time is None else event_time)] = None
         if len(st.recent) > self.memory:
             st.recent.popitem(last=False)
         if st.last_open is None or open_time > st.last_open:
             st.last_open = open_time
         if is_closed:
-            st.closed[open_time] = None
+            st.closed[open_time] = event_time
             if len(st.closed) > self.memory:
                 st.closed.popitem(last=False)
             if st.last_closed is None or open_time > st.last_closed:
@@ -618,20 +799,27 @@ class KlineGate(Generic[R]):
 
 
 class TickerDedup:
-    """Tickers are snapshots: keep one only if it is newer than the last one for its key.
+    """Tickers are snapshots: keep one only if it is newer than those already kept for its key.
 
     The key is whatever identifies one ticker series: (stream, symbol) for array streams, or the
-    symbol. Equal or older event times (the other connection's copy) are dropped and counted.
+    symbol. A copy of a kept event time (the other connection's) is dropped and counted, and so
+    is an older one. "Older" is measured against the second-newest event time kept, never the
+    newest alone: one snapshot dated ahead (a corrupt frame within the decoder's skew bound)
+    must not hold back the real ones after it. Each event time is kept at most once, and each
+    kept one is newer than all kept before it but at most one.
     """
 
     def __init__(self, metrics: MetricsFactory | None = None) -> None:
-        self._last: dict[Hashable, int] = {}
+        # key -> (newest, second-newest) event time kept; -1: none yet.
+        self._kept: dict[Hashable, tuple[int, int]] = {}
         self._dups = _gap_metrics(metrics).duplicates.labels("tickers", "live")
 
     def admit(self, key: Hashable, event_time: int) -> bool:
-        last = self._last.get(key)
-        if last is not None and event_time <= last:
+        newest, floor = self._kept.get(key, (-1, -1))
+        if event_time <= floor or event_time == newest:
             self._dups.inc()
             return False
-        self._last[key] = event_time
+        # Above the newest: it becomes the newest. Between the two: the newest may be dated
+        # ahead, and this one is the best evidence of where the series really is.
+        self._kept[key] = (event_time, newest) if event_time > newest else (newest, event_time)
         return True

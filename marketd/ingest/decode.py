@@ -98,7 +98,8 @@ class Outgoing(NamedTuple):
     headers: list[tuple[str, bytes]] | None = None
     # What the continuity gates need, without parsing the value again:
     # ("trade", symbol, trade_id, trade_time) | ("kline", stream, symbol, interval, open_time,
-    # event_time, is_closed) | ("ticker", stream, symbol, event_time); None for other kinds.
+    # event_time, is_closed, close_time) | ("ticker", stream, symbol, event_time); None for
+    # other kinds.
     ident: tuple[Any, ...] | None = None
 
 
@@ -706,6 +707,7 @@ _IDENT: dict[StreamKind, Callable[[Any], tuple[Any, ...]]] = {
         r.open_time,
         r.event_time,
         r.is_closed,
+        r.close_time,
     ),
     StreamKind.TICKER: lambda r: ("ticker", r.stream, r.symbol, r.event_time),
 }

@@ -338,6 +338,8 @@ async def _run_ingest(
         gap_grace_s=cfg.backfill.gap_grace_s,
         max_held=cfg.backfill.max_held_per_symbol,
         metrics=rt.metrics,
+        dlq_topic=cfg.topics.dlq,
+        dlq_max_raw_bytes=cfg.dlq.max_raw_bytes,
     )
     rt.health.set(
         "ingest",

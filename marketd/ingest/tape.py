@@ -2,8 +2,9 @@
 
 Receives decoded `Outgoing` records (with their identity), reconnect notices from the sources
 and backfill results; emits records in per-symbol id order with overlap duplicates dropped,
-backfill requests for the backfill task, and gap records for the gaps topic. Pure apart from the
-clock passed in; the decode task owns it. `seed_trades()` at start-up continues the tape a previous
+backfill requests for the backfill task, gap records for the gaps topic, and dead-letter records
+for the trades the trade gate quarantines as implausible. Pure apart from the clock passed in; the
+decode task owns it. `seed_trades()` at start-up continues the tape a previous
 process published. At drain, `flush()` releases every held record behind an unrepaired gap record,
 so nothing accepted is kept back.
 """
@@ -22,18 +23,23 @@ from marketd.ingest.continuity import (
     Emit,
     KlineGate,
     PublishGap,
+    Quarantine,
     RequestBackfill,
     RequestKlines,
     TickerDedup,
     TradeGate,
 )
-from marketd.ingest.decode import Outgoing
+from marketd.ingest.decode import Outgoing, Reason, dlq_record
 from marketd.ingest.streams import StreamKind, StreamSpec
 from marketd.metrics import MetricsFactory
 
 _encode = msgspec.json.Encoder().encode
 
 Request = RequestBackfill | RequestKlines
+
+
+class _Stream(msgspec.Struct):
+    stream: str | None = None
 
 
 @attrs.frozen
@@ -54,9 +60,14 @@ class TapeKeeper:
         gap_grace_s: float = 1.0,
         max_held: int = 50_000,
         metrics: MetricsFactory | None = None,
+        dlq_topic: str = "raw_dlq",
+        dlq_max_raw_bytes: int = 8192,
     ) -> None:
-        """`request` hands a backfill request on; False when backfill is unavailable."""
+        """`request` hands a backfill request on; False when backfill is unavailable.
+        `dlq_topic` receives the quarantined trades (the decoded record as `raw`)."""
         self.gaps_topic = gaps_topic
+        self.dlq_topic = dlq_topic
+        self.dlq_max_raw_bytes = dlq_max_raw_bytes
         self._backfill_topics = backfill_topics  # record type -> topic of recovered records
         self._request = request
         self.trades: TradeGate[Outgoing] = TradeGate(
@@ -90,9 +101,18 @@ class TapeKeeper:
                 else:
                     self._apply(actions, out, now)
             elif kind == "kline":
-                _, stream, symbol, interval, open_time, event_time, closed = ident
+                _, stream, symbol, interval, open_time, event_time, closed, close_time = ident
                 self._apply(
-                    self.klines.on_live(stream, symbol, interval, open_time, event_time, closed, o),
+                    self.klines.on_live(
+                        stream,
+                        symbol,
+                        interval,
+                        open_time,
+                        event_time,
+                        closed,
+                        o,
+                        close_time=close_time,
+                    ),
                     out,
                     now,
                 )
@@ -135,8 +155,24 @@ class TapeKeeper:
                 out.append(
                     Outgoing(self.gaps_topic, gap.symbol.encode(), _encode(gap), 0, None, None)
                 )
+            elif isinstance(action, Quarantine):
+                out.append(self._dead_letter(action))
             elif isinstance(action, RequestBackfill | RequestKlines) and not self._request(action):
                 self._unavailable(action, out, now)
+
+    def _dead_letter(self, q: Quarantine[Outgoing]) -> Outgoing:
+        """The DLQ record of a quarantined trade: its decoded value stands in for the frame."""
+        o = q.record
+        stream = msgspec.json.decode(o.value, type=_Stream).stream
+        record = dlq_record(
+            o.value,
+            Reason.IMPLAUSIBLE_ID,
+            q.detail,
+            stream,
+            o.recv_ns // 1_000_000,
+            self.dlq_max_raw_bytes,
+        )
+        return Outgoing(self.dlq_topic, o.key, _encode(record), o.recv_ns)
 
     def _wrap(self, record: Any) -> Outgoing:
         """A record recovered over REST, ready to produce, marked by a header (and value field)."""

@@ -106,15 +106,57 @@ def test_ticker_keeps_only_newer_snapshots_per_key() -> None:
     d = TickerDedup(metrics)
     assert d.admit("BTCUSDT", 1_000)
     assert not d.admit("BTCUSDT", 1_000)
-    assert not d.admit("BTCUSDT", 999)
-    assert d.admit("ETHUSDT", 999)
     assert d.admit("BTCUSDT", 2_000)
+    assert not d.admit("BTCUSDT", 999)
+    assert not d.admit("BTCUSDT", 2_000)
+    assert d.admit("ETHUSDT", 999)
+    assert d.admit("BTCUSDT", 3_000)
+    assert not d.admit("BTCUSDT", 1_500)
     assert (
         metrics.registry.get_sample_value(
             "marketd_overlap_duplicates_total", {"kind": "tickers", "source": "live"}
         )
-        == 2
+        == 4
     )
+
+
+def test_with_one_snapshot_kept_only_its_copy_is_dropped() -> None:
+    # Nothing corroborates the first snapshot yet: it may be the one dated ahead.
+    d = TickerDedup()
+    assert d.admit("BTCUSDT", 1_000)
+    assert not d.admit("BTCUSDT", 1_000)
+    assert d.admit("BTCUSDT", 999)
+
+
+@given(
+    times=st.lists(st.integers(1, 10**6), min_size=1, max_size=60, unique=True).map(sorted),
+    lag=st.integers(0, 5),
+    order=st.integers(0, 2**120),
+)
+def test_overlapping_connections_give_snapshots_once_and_never_lose_the_newest(
+    times: list[int], lag: int, order: int
+) -> None:
+    # Both connections carry the same snapshots in order; the second one starts `lag` behind.
+    a, b = list(times), list(times[max(0, len(times) - lag - 5) :])
+    merged: list[int] = []
+    while a or b:
+        take_a = bool(order & 1)
+        order >>= 1
+        merged.append(a.pop(0) if a and (take_a or not b) else b.pop(0))
+    d = TickerDedup()
+    admitted: list[int] = []
+    newest = 0
+    for t in merged:
+        if d.admit("K", t):
+            admitted.append(t)
+        else:
+            assert t <= newest  # a snapshot newer than all before it is never dropped
+        newest = max(newest, t)
+    assert len(admitted) == len(set(admitted))  # each at most once
+    # Each one is newer than all but at most one kept before it (that one may be an outlier).
+    for i, t in enumerate(admitted):
+        assert sum(u > t for u in admitted[:i]) <= 1
+    assert admitted[-1] == times[-1]
 
 
 def test_gates_share_one_registry() -> None:
