@@ -192,10 +192,11 @@ async def _run_job(rt: Runtime, launch: Launch, board: _Board) -> None:
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         with launch.log_path.open("ab") as out:
             proc = await trio.lowlevel.open_process(
-                list(launch.argv),
+                # The guard stops the job when marketd dies, however it dies (guard.py).
+                [sys.executable, "-m", "marketd.analytics.guard", *launch.argv],
                 env=launch.env,
                 cwd=str(launch.cwd),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # held open while we live: its EOF tells the guard
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 # Its own process group: a terminal's Ctrl-C reaches marketd only (which stops the
@@ -214,8 +215,10 @@ async def _run_job(rt: Runtime, launch: Launch, board: _Board) -> None:
         finally:
             if proc.returncode is None:  # cancelled: the drain deadline passed
                 _kill_group(proc)
-                with trio.CancelScope(shield=True):
-                    await proc.wait()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+                if proc.stdin is not None:
+                    await proc.stdin.aclose()
         ran_s = trio.current_time() - started
         if rt.draining.is_set():
             board.set(launch.job, "stopped")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import attrs
@@ -115,3 +117,52 @@ async def test_a_dying_job_is_restarted_and_every_job_stops_on_drain(tmp_path: P
         out = (tmp_path / "state" / "logs" / f"{name}.log").read_text()
         assert "boom: first start fails" in out and "job start 2" in out
     assert not rt.health.components[jobs.NAME].healthy
+
+
+SLEEPER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    Path(sys.argv[1]).write_text(str(os.getpid()))
+    def stop(signum, frame):
+        Path(sys.argv[1] + ".stopped").write_text(signal.Signals(signum).name)
+        sys.exit(5)
+    signal.signal(signal.SIGTERM, stop)
+    while True:
+        time.sleep(0.05)
+    """
+)
+
+
+def _guarded(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    pid_file = tmp_path / "job.pid"
+    guard = subprocess.Popen(
+        [sys.executable, "-m", "marketd.analytics.guard", sys.executable, str(script),
+         str(pid_file)],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not pid_file.exists():
+        assert time.monotonic() < deadline and guard.poll() is None
+        time.sleep(0.02)
+    return guard, pid_file
+
+
+def test_the_guard_stops_the_job_when_marketd_is_gone(tmp_path: Path) -> None:
+    guard, pid_file = _guarded(tmp_path)
+    assert guard.stdin is not None
+    guard.stdin.close()  # what the kernel does when marketd dies, even by SIGKILL
+    assert guard.wait(30) == 5
+    assert Path(f"{pid_file}.stopped").read_text() == "SIGTERM"
+
+
+def test_the_guard_forwards_sigterm_and_the_exit_status(tmp_path: Path) -> None:
+    guard, pid_file = _guarded(tmp_path)
+    guard.send_signal(signal.SIGTERM)
+    assert guard.wait(30) == 5
+    assert Path(f"{pid_file}.stopped").read_text() == "SIGTERM"
+    assert guard.stdin is not None
+    guard.stdin.close()
