@@ -47,7 +47,7 @@ from marketd.errors import StoreUnavailable
 from marketd.logs import get_logger
 from marketd.metrics import MetricsFactory
 from marketd.runtime import Runtime
-from marketd.tickers.store import TickerStore, parse_update_id
+from marketd.tickers.store import Snapshot, TickerStore, parse_update_id
 
 log = get_logger(__name__)
 
@@ -106,6 +106,15 @@ class Client:
         self.dropped: str | None = None
 
 
+class _SnapshotRequest:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Snapshot | None = None
+        self.error: Exception | None = None
+
+
 class TickerHub:
     """Follows `tickers:updates` and fans each update out to every connected client."""
 
@@ -115,9 +124,14 @@ class TickerHub:
         reads: TickerStore,
         metrics: StreamMetrics,
         limits: StreamLimits,
+        *,
+        tracked: tuple[str, ...] = (),
     ) -> None:
         self._tail = tail
         self._reads = reads
+        self.tracked = tracked
+        self._snap_waiting: list[_SnapshotRequest] = []
+        self._snap_wakeup = trio.Event()
         self._tail_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(2)
         self.metrics = metrics
@@ -168,6 +182,37 @@ class TickerHub:
             self.metrics.clients.labels("tickers").set(len(self.clients))
             client.queue.take()
             client.scope.cancel()
+
+    async def snapshot(self) -> Snapshot:
+        """Every tracked hash and the last update id, read at or after this call.
+
+        Concurrent callers share one read (a thousand clients reconnecting after a restart cost
+        one MULTI, not a thousand): whoever arrives while a read is in flight waits for the next.
+        """
+        request = _SnapshotRequest()
+        self._snap_waiting.append(request)
+        self._snap_wakeup.set()
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    async def _snapshots(self) -> None:
+        while True:
+            await self._snap_wakeup.wait()
+            self._snap_wakeup = trio.Event()
+            batch, self._snap_waiting = self._snap_waiting, []
+            if not batch:
+                continue
+            try:
+                result: Snapshot | None = await self.read(self._reads.snapshot, self.tracked)
+                error: Exception | None = None
+            except (StoreUnavailable, trio.TooSlowError) as exc:
+                result, error = None, exc
+            for request in batch:
+                request.result, request.error = result, error
+                request.done.set()
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """A snapshot/resume read in a worker thread, bounded by READ_TIMEOUT_S * 2."""
@@ -260,6 +305,7 @@ class TickerHub:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._follow)
                     nursery.start_soon(self._sweep)
+                    nursery.start_soon(self._snapshots)
                     task_status.started()
                     await draining.wait()
                     self.close()
@@ -448,7 +494,7 @@ class StreamApp:
         told = False
         while True:
             try:
-                snap = await hub.read(hub._reads.snapshot, symbols)
+                snap = await hub.snapshot()
                 break
             except (StoreUnavailable, trio.TooSlowError) as exc:
                 detail = str(exc) or "redis did not answer"
@@ -466,8 +512,9 @@ class StreamApp:
         now = _now_ms()
         views: list[dict[str, Any]] = []
         missing: list[str] = []
-        for symbol, fields in zip(symbols, snap.rows, strict=True):
-            view = ticker_view(symbol, fields, now)
+        by_symbol = dict(zip(hub.tracked, snap.rows, strict=True))
+        for symbol in symbols:
+            view = ticker_view(symbol, by_symbol.get(symbol, {}), now)
             if view is None:
                 missing.append(symbol)
             else:
@@ -599,7 +646,7 @@ def mount(app: QuartTrio, rt: Runtime, tracked: tuple[str, ...]) -> StreamApp:
             client_name="marketd-api-stream-reads",
             max_connections=2,
         )
-        hub = TickerHub(tail, reads, StreamMetrics(rt.metrics), limits)
+        hub = TickerHub(tail, reads, StreamMetrics(rt.metrics), limits, tracked=tracked)
     the_hub = hub
 
     @app.before_serving

@@ -222,7 +222,7 @@ async def bare_stream_app(
     assert rt.redis_url is not None
     tail = TickerStore(rt.redis_url, timeout_s=3.0)
     reads = TickerStore(rt.redis_url, timeout_s=1.0)
-    hub = TickerHub(tail, reads, StreamMetrics(rt.metrics), limits)
+    hub = TickerHub(tail, reads, StreamMetrics(rt.metrics), limits, tracked=("BTCUSDT", "ETHUSDT"))
 
     async def fallback(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
