@@ -7,6 +7,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
@@ -80,5 +81,24 @@ def run_main(
           **({"kafka_reader": reader} if reader else {}))  # fmt: skip
     query = start(spark, args, values, processor)
     code = wait(query, processor)
+    for attempt in range(2, START_ATTEMPTS + 1):
+        if code == 0 or not _worker_start_timeout(query):
+            break
+        # Spark gives a new Python process (the Python Kafka source's planner) a fixed 10 s to
+        # connect back; a heavily loaded host can miss that. The query restarts from its
+        # checkpoint, so a retry loses and repeats nothing.
+        event(log, "job.retry", level=logging.WARNING, job=app_name, attempt=attempt,
+              reason="python worker did not connect back in time")  # fmt: skip
+        values, processor = build(spark, args)
+        query = start(spark, args, values, processor)
+        code = wait(query, processor)
     spark.stop()
     return code
+
+
+START_ATTEMPTS = 3
+
+
+def _worker_start_timeout(query: Any) -> bool:
+    exc = query.exception()
+    return exc is not None and "failed to connect back" in str(exc)
