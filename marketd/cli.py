@@ -11,7 +11,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from marketd.config import COMPONENTS, LoadedConfig, Value, load_config, render_config
+from marketd.config import (
+    LoadedConfig,
+    Value,
+    load_config,
+    parse_components,
+    render_config,
+    shorten,
+)
 from marketd.errors import ConfigError
 from marketd.logs import configure_logging
 
@@ -39,20 +46,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Value]:
     if getattr(args, "log_format", None):
         out["log.format"] = Value(args.log_format, "cli --log-format")
     if getattr(args, "components", None):
-        names = {n.strip().lower() for n in args.components.split(",") if n.strip()}
-        unknown = names - set(COMPONENTS) - {"all"}
-        if unknown or not names:
+        try:
+            enabled = parse_components(args.components)
+        except ValueError as exc:
             raise ConfigError(
-                "components",
-                "cli --components",
-                f"{args.components!r}: comma-separated subset of {', '.join(COMPONENTS)} (or all)",
-            )
-        for name in COMPONENTS:
-            out[f"components.{name}"] = Value("all" in names or name in names, "cli --components")
+                "components", "cli --components", f"{shorten(args.components)}: {exc}"
+            ) from None
+        for name, on in enabled.items():
+            out[f"components.{name}"] = Value(on, "cli --components")
     for item in getattr(args, "set", None) or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(item, "cli --set", "expected KEY=VALUE, e.g. batch.size=500")
+            raise ConfigError(shorten(item), "cli --set", "expected KEY=VALUE, e.g. batch.size=500")
         out[key.strip()] = Value(value, f"cli --set {key.strip()}")
     return out
 
@@ -62,13 +67,21 @@ def load(args: argparse.Namespace) -> LoadedConfig:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    loaded = load(args)
+    cfg = loaded.config
+    if cfg.components.api:
+        # Before anything starts or logs: an unresolvable api.host or a port in use is one
+        # line and exit 2, like any other bad setting (the API maps a later failure the same way).
+        from marketd.api.bind import probe_bind
+
+        sources = (loaded.sources["api.host"].source, loaded.sources["api.port"].source)
+        probe_bind(cfg.api.host, cfg.api.port, sources)
     import trio
 
     from marketd.daemon import run_daemon
 
-    loaded = load(args)
-    configure_logging(loaded.config.log.level, loaded.config.log.format)
-    return trio.run(run_daemon, loaded.config)
+    configure_logging(cfg.log.level, cfg.log.format)
+    return trio.run(run_daemon, cfg)
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:

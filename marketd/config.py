@@ -1,33 +1,43 @@
 """Typed configuration: defaults < marketd.toml < .env < environment < CLI flags.
 
-Every setting is declared once, as an attrs field carrying its environment variable, its help text
-and its check. `load_config` merges the layers, remembers where each value came from (for
-`marketd config show` and for error messages) and structures the result with cattrs. A bad value
-raises ConfigError naming the key, its source (file:line or the variable) and what is allowed.
+Every setting is declared once, as an attrs field carrying its environment variable, its help text,
+its converter (from a TOML value or an environment string; by default the one for its type) and its
+check. `load_config` merges the layers without knowing any particular key, remembers where each
+value came from (for `marketd config show` and for error messages) and structures the result with
+cattrs. A bad value raises ConfigError: one line naming the key, its source (file:line or the
+variable), the value (truncated) and what is allowed.
+
+Importing this module imports no component (ingest, tickers, api, kafka): the stream-name grammar it
+checks `binance.streams` with lives in the pure `marketd.streams`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import cattrs
 
 from marketd.errors import ConfigError, StreamNameError
-from marketd.ingest.streams import ROUTED_KINDS, Shard, parse_streams
+from marketd.streams import ROUTED_KINDS, Shard, parse_streams
 
 T = TypeVar("T")
 
 # -- setting declarations -------------------------------------------------------------------------
 
 _META = "marketd"
+
+Converter = Callable[[Any, bool], Any]  # (raw value, came as text?) -> typed value, or ValueError
+Merge = Literal["replace", "over_layers", "over_default"]
 
 
 @attrs.frozen
@@ -36,6 +46,9 @@ class _Meta:
     help: str
     check: Callable[[Any], Any] | None
     secret: bool
+    convert: Converter | None  # None: the converter of the field's type (_BY_TYPE)
+    merge: Merge  # tables: key by key over earlier layers ("over_layers") or over the default too
+    echo: bool  # whether an error line repeats the value (False when the check names the culprit)
 
 
 def setting(
@@ -45,15 +58,188 @@ def setting(
     help: str = "",
     check: Callable[[Any], Any] | None = None,
     secret: bool = False,
+    convert: Converter | None = None,
+    merge: Merge = "replace",
+    echo: bool = True,
 ) -> Any:
-    """Declare one setting: its default, env var, help line and check (raises ValueError)."""
-    meta = {_META: _Meta(env, help, check, secret)}
+    """Declare one setting: its default, env var, help line, converter and check.
+
+    `check` gets the converted value and raises ValueError saying what is allowed.
+    """
+    meta = {_META: _Meta(env, help, check, secret, convert, merge, echo)}
     if isinstance(default, dict):
         # A fresh copy per instance: a mutable default must never be shared.
         return attrs.field(factory=functools.partial(dict, default), metadata=meta)
     if isinstance(default, list | tuple):
         return attrs.field(default=tuple(default), metadata=meta)
     return attrs.field(default=default, metadata=meta)
+
+
+def shorten(value: Any, limit: int = 80) -> str:
+    """repr() of a value for an error line, cut to about `limit` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str | bytes):
+        return f"{text[: limit - 3]}... ({len(value):,} characters)"
+    if isinstance(value, list | tuple | dict):
+        return f"{text[: limit - 3]}... ({len(value):,} items)"
+    return f"{text[: limit - 3]}..."
+
+
+# -- converters: raw TOML values or environment strings -> typed values ---------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+MAX_TEXT = 4096  # characters of one string setting (URLs, DSNs, hosts, names)
+MAX_TABLE_VALUE = 65_536  # one librdkafka passthrough property (a PEM certificate chain fits)
+
+
+def _to_bool(value: Any, from_text: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if from_text and isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("must be true or false")
+
+
+def _to_int(value: Any, from_text: bool) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if from_text and isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d{1,30}\s*", value):
+        return int(value)
+    raise ValueError("must be an integer")
+
+
+def _to_float(value: Any, from_text: bool) -> float:
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif from_text and isinstance(value, str) and len(value) <= 64:
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None:
+        raise ValueError("must be a number")
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number (not nan or inf)")
+    return number
+
+
+def _to_str(value: Any, from_text: bool) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"must be at most {MAX_TEXT} characters")
+    return value
+
+
+def _to_str_or_int(value: Any, from_text: bool) -> str:
+    """A string that TOML users may write as a bare integer (`acks = 1` means "1")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _to_str(value, from_text)
+
+
+def _to_str_list(value: Any, from_text: bool) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ValueError("must be a list of strings (comma-separated in an env var)")
+    for item in items:
+        if len(item) > MAX_TEXT:
+            raise ValueError(f"{shorten(item)}: an item must be at most {MAX_TEXT} characters")
+    return tuple(v for v in items if v)
+
+
+def _to_upper_list(value: Any, from_text: bool) -> tuple[str, ...]:
+    return tuple(v.upper() for v in _to_str_list(value, from_text))
+
+
+def _to_number_table(value: Any, from_text: bool) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError("must be a table")
+    out: dict[str, float] = {}
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"{shorten(k)}: must be a number")
+        if not math.isfinite(v):
+            raise ValueError(f"{shorten(k)}: must be a finite number (not nan or inf)")
+        out[k] = float(v)
+    return out
+
+
+def _to_text_table(value: Any, from_text: bool) -> dict[str, str]:
+    """librdkafka properties are strings; TOML scalars are accepted for convenience."""
+    if not isinstance(value, dict):
+        raise ValueError("must be a table")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if isinstance(v, dict | list):
+            raise ValueError(f"{shorten(k)}: must be a scalar")
+        text = str(v).lower() if isinstance(v, bool) else str(v)
+        if len(text) > MAX_TABLE_VALUE:
+            raise ValueError(f"{shorten(k)}: must be at most {MAX_TABLE_VALUE} characters")
+        out[k] = text
+    return out
+
+
+# The converter of each declared type; a field may name its own with `convert=`.
+_BY_TYPE: dict[Any, Converter] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    tuple[str, ...]: _to_str_list,
+    dict[str, float]: _to_number_table,
+    dict[str, str]: _to_text_table,
+}
+
+
+# -- checks: a converted value -> itself, or ValueError saying what is allowed ---------------------
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+@attrs.frozen
+class Range:
+    """`low <= value <= high` (or `low < value` when `low_open`): every number has both bounds."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __call__(self, value: Any) -> Any:
+        too_low = value <= self.low if self.low_open else value < self.low
+        if too_low or value > self.high:
+            raise ValueError(self.allowed())
+        return value
+
+    def allowed(self) -> str:
+        low = f"> {_number(self.low)}" if self.low_open else f">= {_number(self.low)}"
+        return f"must be {low} and <= {_number(self.high)}"
+
+
+def _positive(high: float) -> Range:
+    return Range(0, high, low_open=True)
+
+
+@attrs.frozen
+class EachValue:
+    """A Range for every value of a number table."""
+
+    range: Range
+
+    def __call__(self, value: Any) -> Any:
+        for k, v in value.items():
+            try:
+                self.range(v)
+            except ValueError as exc:
+                raise ValueError(f"{shorten(k)}: {exc}") from None
+        return value
 
 
 def _one_of(*allowed: str) -> Callable[[Any], Any]:
@@ -65,35 +251,32 @@ def _one_of(*allowed: str) -> Callable[[Any], Any]:
     return check
 
 
-def _at_least(minimum: float) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if value < minimum:
-            raise ValueError(f"must be >= {minimum:g}")
-        return value
-
-    return check
-
-
-def _one_to(maximum: int) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if not 1 <= value <= maximum:
-            raise ValueError(f"must be between 1 and {maximum}")
-        return value
-
-    return check
-
-
-def _positive(value: Any) -> Any:
-    if value <= 0:
-        raise ValueError("must be > 0")
-    return value
+MINUTE_S = 60.0
+HOUR_S = 3600.0
+DAY_S = 86_400.0
+DAY_MS = 86_400_000
+MAX_STREAMS = 65_536  # 64 connections of Binance's 1024 streams
+_STREAM_SYMBOL_RE = re.compile(r"[A-Z0-9]{2,30}")
 
 
 def _check_streams(value: Any) -> Any:
+    if len(value) > MAX_STREAMS:
+        raise ValueError(f"{len(value):,} streams: at most {MAX_STREAMS:,}")
+    for name in value:
+        if len(name) > 100:
+            raise ValueError(f"{shorten(name)}: not a stream name (at most 100 characters)")
     try:
-        parse_streams(value)
+        specs = parse_streams(value)
     except StreamNameError as exc:
         raise ValueError(str(exc)) from None
+    for spec in specs:
+        # Binance lists a few non-ASCII symbols, but nothing downstream (tickers.symbols, the
+        # Redis keys, the API's symbol routes) takes them: refuse them here, as upper case is.
+        if spec.symbol is not None and not _STREAM_SYMBOL_RE.fullmatch(spec.symbol):
+            raise ValueError(
+                f"{shorten(spec.name)}: symbols in stream names are ASCII lower-case letters "
+                "and digits, 2 to 30 characters"
+            )
     return value
 
 
@@ -122,7 +305,7 @@ def _check_redis_url(value: Any) -> Any:
 def _check_symbols(value: Any) -> Any:
     for symbol in value:
         if not re.fullmatch(r"[A-Z0-9]{2,30}", symbol):
-            raise ValueError(f"{symbol!r} is not a symbol (A-Z, 0-9, 2 to 30 characters)")
+            raise ValueError(f"{shorten(symbol)} is not a symbol (A-Z, 0-9, 2 to 30 characters)")
     return value
 
 
@@ -137,12 +320,19 @@ def _check_bootstrap(value: Any) -> Any:
     return value
 
 
+def _check_host(value: Any) -> Any:
+    # A name (at most 253 characters, RFC 1035) or an address; resolving it is the API's job.
+    if not value or len(value) > 253 or any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("must be a host name or an IP address, e.g. 127.0.0.1 or 0.0.0.0")
+    return value
+
+
 def _check_routes(value: Any) -> Any:
     known = {k.value for k in ROUTED_KINDS}
     for kind, topic in value.items():
         if kind not in known:
             raise ValueError(
-                f"unknown stream kind {kind!r}; routable kinds: {', '.join(sorted(known))}"
+                f"unknown stream kind {shorten(kind)}; routable kinds: {', '.join(sorted(known))}"
             )
         _check_topic(topic)
     return value
@@ -159,10 +349,6 @@ def _check_group(value: Any) -> Any:
     if not value.strip():
         raise ValueError("must be a non-empty Kafka consumer group id")
     return value
-
-
-def _upper_symbols(value: Any) -> Any:
-    return tuple(s.strip().upper() for s in value if s.strip())
 
 
 DEFAULT_STREAMS = (
@@ -199,6 +385,7 @@ class BinanceConfig:
         DEFAULT_STREAMS,
         env="BINANCE_STREAMS",
         check=_check_streams,
+        echo=False,
         help="streams to ingest (comma-separated in the env var)",
     )
     rest_url: str = setting(
@@ -210,41 +397,43 @@ class BinanceConfig:
     ping_interval_s: float = setting(
         180.0,
         env="PING_INTERVAL_SECONDS",
-        check=_positive,
+        check=_positive(HOUR_S),
         help="our keepalive ping interval",
     )
     pong_timeout_s: float = setting(
         20.0,
-        check=_positive,
+        check=_positive(10 * MINUTE_S),
         help="a ping unanswered this long marks the connection dead",
     )
     reconnect_max_delay_s: float = setting(
         60.0,
         env="RECONNECT_MAX_DELAY_SECONDS",
-        check=_positive,
+        check=_positive(HOUR_S),
         help="cap of the reconnect backoff",
     )
-    reconnect_initial_delay_s: float = setting(0.5, check=_positive, help="first reconnect delay")
+    reconnect_initial_delay_s: float = setting(
+        0.5, check=_positive(HOUR_S), help="first reconnect delay"
+    )
     healthy_after_s: float = setting(
         60.0,
-        check=_positive,
+        check=_positive(DAY_S),
         help="a connection up this long resets the reconnect backoff",
     )
     connection_timeout_s: float = setting(
         10.0,
         env="WS_CONNECTION_TIMEOUT",
-        check=_positive,
+        check=_positive(10 * MINUTE_S),
         help="connect + handshake timeout",
     )
     max_frame_bytes: int = setting(
         1_048_576,
         env="BINANCE_MAX_FRAME_BYTES",
-        check=_at_least(1024),
+        check=Range(1024, 64 << 20),
         help="largest frame accepted; larger ones are dead-lettered (truncated)",
     )
     max_streams_per_connection: int = setting(
         1024,
-        check=_one_to(1024),
+        check=Range(1, 1024),
         help="streams per connection (Binance allows 1024)",
     )
     silence_timeout_s: dict[str, float] = setting(
@@ -258,21 +447,23 @@ class BinanceConfig:
             "trade": 0.0,
             "aggTrade": 0.0,
         },
+        check=EachValue(Range(0, DAY_S)),
+        merge="over_default",
         help="per stream kind: no data for this long marks a connection dead (0 = quiet is normal)",
     )
     subscribe_rate_per_s: float = setting(
         4.0,
-        check=_positive,
+        check=_positive(1000),
         help="control messages per second per connection (Binance: 5)",
     )
     connect_attempts_per_5min: int = setting(
         250,
-        check=_at_least(1),
+        check=Range(1, 1_000_000),
         help="connection attempts per 5 minutes per IP (Binance: 300)",
     )
     backpressure_close_s: float = setting(
         40.0,
-        check=_positive,
+        check=_positive(HOUR_S),
         help="a reader blocked this long by the pipeline reconnects (Binance: pong within 60 s)",
     )
     time_unit: str = setting(
@@ -296,24 +487,33 @@ class KafkaConfig:
         check=_one_of("snappy", "gzip", "lz4", "zstd", "none"),
         help="producer compression",
     )
-    acks: str = setting("1", env="KAFKA_ACKS", check=_one_of("0", "1", "all"), help="producer acks")
+    acks: str = setting(
+        "1",
+        env="KAFKA_ACKS",
+        check=_one_of("0", "1", "all"),
+        convert=_to_str_or_int,
+        help="producer acks",
+    )
     linger_ms: float = setting(
         0.0,
-        check=_at_least(0),
+        check=Range(0, 60_000),
         help="producer linger; 0 sends at once (receipt->ack p50 well under 1 ms), batching "
         "still happens while requests are in flight",
     )
     idempotence: bool = setting(True, help="idempotent producer (no duplicates on retry)")
     flush_timeout_s: float = setting(
         10.0,
-        check=_positive,
+        check=_positive(HOUR_S),
         help="bound on the final flush at shutdown",
     )
     producer: dict[str, str] = setting(
         {},
+        merge="over_layers",
         help="extra librdkafka producer properties (security.protocol, sasl.*, ssl.*, ...)",
     )
-    consumer: dict[str, str] = setting({}, help="extra librdkafka consumer properties")
+    consumer: dict[str, str] = setting(
+        {}, merge="over_layers", help="extra librdkafka consumer properties"
+    )
 
 
 @attrs.frozen
@@ -327,17 +527,19 @@ class TopicsConfig:
 
 @attrs.frozen
 class BatchConfig:
-    size: int = setting(100, env="BATCH_SIZE", check=_at_least(1), help="max messages per batch")
+    size: int = setting(
+        100, env="BATCH_SIZE", check=Range(1, 100_000), help="max messages per batch"
+    )
     timeout_ms: float = setting(
         100.0,
         env="BATCH_TIMEOUT_MS",
-        check=_positive,
+        check=_positive(60_000),
         help="max age of a batch",
     )
     check_interval_ms: float = setting(
         10.0,
         env="BATCH_CHECK_INTERVAL_MS",
-        check=_positive,
+        check=_positive(60_000),
         help="granularity of the age check (deadlines are rounded up to it)",
     )
 
@@ -346,7 +548,7 @@ class BatchConfig:
 class DlqConfig:
     max_raw_bytes: int = setting(
         8192,
-        check=_at_least(64),
+        check=Range(64, 1 << 20),
         help="a dead-lettered frame is truncated to this many bytes",
     )
 
@@ -361,22 +563,24 @@ class IngestConfig:
     )
     frame_buffer: int = setting(
         8192,
-        check=_at_least(1),
+        check=Range(1, 1_000_000),
         help="frames buffered between the WebSocket and the decoder",
     )
     coalesce_ms: float = setting(
         1.0,
-        check=_at_least(0),
+        check=Range(0, 1000),
         help="under load, the decoder gathers frames this long per wake-up (0 = never wait)",
     )
     record_buffer: int = setting(
-        64, check=_at_least(1), help="decoded chunks buffered before batching"
+        64, check=Range(1, 100_000), help="decoded chunks buffered before batching"
     )
-    batch_buffer: int = setting(16, check=_at_least(1), help="batches buffered before the producer")
+    batch_buffer: int = setting(
+        16, check=Range(1, 10_000), help="batches buffered before the producer"
+    )
     max_future_ms: int = setting(
         10_000,
         env="INGEST_MAX_FUTURE_MS",
-        check=_at_least(0),
+        check=Range(0, DAY_MS),
         help="a record's event time may be at most this far ahead of the local clock "
         "(further: dead-lettered)",
     )
@@ -390,25 +594,26 @@ class TickersConfig:
         DEFAULT_TICKER_SYMBOLS,
         env="TICKER_SYMBOLS",
         check=_check_symbols,
+        convert=_to_upper_list,
         help="symbols stored in Redis (case-insensitive)",
     )
-    ttl_s: int = setting(60, env="TICKER_TTL_SECONDS", check=_at_least(1), help="Redis TTL")
+    ttl_s: int = setting(60, env="TICKER_TTL_SECONDS", check=Range(1, 7 * 86_400), help="Redis TTL")
     watermark_delay_ms: int = setting(
         10_000,
         env="TICKER_WATERMARK_DELAY_MS",
-        check=_at_least(0),
+        check=Range(0, DAY_MS),
         help="reject tickers older than now - this",
     )
     max_future_ms: int = setting(
         5_000,
         env="TICKER_MAX_FUTURE_MS",
-        check=_at_least(0),
+        check=Range(0, DAY_MS),
         help="reject tickers further than this in the future",
     )
     stale_s: float = setting(
         30.0,
         env="TICKER_STALE_SECONDS",
-        check=_positive,
+        check=_positive(DAY_S),
         help="age after which a ticker is stale",
     )
 
@@ -426,8 +631,10 @@ class RedisConfig:
 
 @attrs.frozen
 class ApiConfig:
-    host: str = setting("127.0.0.1", env="API_HOST", help="HTTP API bind address")
-    port: int = setting(8000, env="API_PORT", check=_one_to(65535), help="HTTP API port")
+    host: str = setting(
+        "127.0.0.1", env="API_HOST", check=_check_host, help="HTTP API bind address"
+    )
+    port: int = setting(8000, env="API_PORT", check=Range(1, 65535), help="HTTP API port")
 
 
 @attrs.frozen
@@ -438,6 +645,25 @@ class ComponentsConfig:
 
     def enabled(self) -> tuple[str, ...]:
         return tuple(name for name in COMPONENTS if getattr(self, name))
+
+
+def parse_components(raw: str) -> dict[str, bool]:
+    """`ingest,api` or `all` -> each component on or off (MARKETD_COMPONENTS, run --components)."""
+    names = {n.strip().lower() for n in raw.split(",") if n.strip()}
+    if not names or names - set(COMPONENTS) - {"all"}:
+        raise ValueError(f"comma-separated subset of {', '.join(COMPONENTS)} (or all)")
+    return {name: "all" in names or name in names for name in COMPONENTS}
+
+
+@attrs.frozen
+class GroupEnv:
+    """One environment variable that sets several settings of a section at once."""
+
+    section: str
+    parse: Callable[[str], dict[str, Any]]  # raises ValueError saying what is allowed
+
+
+GROUP_ENVS: dict[str, GroupEnv] = {"MARKETD_COMPONENTS": GroupEnv("components", parse_components)}
 
 
 @attrs.frozen
@@ -454,19 +680,19 @@ class LogConfig:
 class SupervisorConfig:
     max_failures: int = setting(
         5,
-        check=_at_least(1),
+        check=Range(1, 1000),
         help="failures within failure_window_s before the process exits 1",
     )
-    failure_window_s: float = setting(300.0, check=_positive)
-    backoff_initial_s: float = setting(0.5, check=_positive)
-    backoff_max_s: float = setting(30.0, check=_positive)
+    failure_window_s: float = setting(300.0, check=_positive(DAY_S))
+    backoff_initial_s: float = setting(0.5, check=_positive(HOUR_S))
+    backoff_max_s: float = setting(30.0, check=_positive(HOUR_S))
 
 
 @attrs.frozen
 class ShutdownConfig:
     drain_timeout_s: float = setting(
         15.0,
-        check=_positive,
+        check=_positive(HOUR_S),
         help="graceful drain + flush bound; past it everything is cancelled",
     )
 
@@ -531,25 +757,29 @@ class SpoolConfig:
     max_bytes: int = setting(
         1 << 30,
         env="SPOOL_MAX_BYTES",
-        check=_at_least(1 << 20),
+        check=Range(1 << 20, 1 << 44),
         help="spool size cap; when full the WebSocket gets backpressure (and backfill repairs)",
     )
-    segment_bytes: int = setting(64 << 20, check=_at_least(1 << 16), help="spool segment size")
+    segment_bytes: int = setting(64 << 20, check=Range(1 << 16, 1 << 30), help="spool segment size")
     outage_after_s: float = setting(
         5.0,
         env="SPOOL_OUTAGE_AFTER_SECONDS",
-        check=_positive,
+        check=_positive(HOUR_S),
         help="records in flight and no ack this long (or the queue past the threshold) = outage",
     )
     probe_interval_s: float = setting(
-        1.0, check=_positive, help="while spooling, how often to ask Kafka whether it is back"
+        1.0,
+        check=_positive(HOUR_S),
+        help="while spooling, how often to ask Kafka whether it is back",
     )
     replay_window: int = setting(
-        5000, check=_at_least(1), help="spooled records in flight to Kafka at once while replaying"
+        5000,
+        check=Range(1, 1_000_000),
+        help="spooled records in flight to Kafka at once while replaying",
     )
     queue_threshold: float = setting(
         0.5,
-        check=_positive,
+        check=_positive(1),
         help="fraction of the producer's local queue that triggers spooling",
     )
 
@@ -565,41 +795,43 @@ class BackfillConfig:
     )
     weight_budget_per_min: int = setting(
         4800,
-        check=_at_least(1),
+        check=Range(1, 6000),
         help="REST request weight we allow ourselves (Binance: 6000)",
     )
     give_up_after_s: float = setting(
         60.0,
-        check=_positive,
+        check=_positive(DAY_S),
         help="REST unavailable this long: publish the gap as unrepaired (the symbol's live "
         "trades wait behind an open gap, so this bounds their delay)",
     )
-    request_timeout_s: float = setting(10.0, check=_positive)
+    request_timeout_s: float = setting(10.0, check=_positive(10 * MINUTE_S))
     gap_grace_s: float = setting(
         0.2,
-        check=_at_least(0),
+        check=Range(0, HOUR_S),
         help="a trade-id jump is requested after this long (a rotation's overlap fills it first); "
         "live trades of that symbol wait meanwhile",
     )
     max_held_per_symbol: int = setting(
         50_000,
-        check=_at_least(1),
+        check=Range(1, 10_000_000),
         help="live trades held behind a gap; past it the oldest gap is recorded unrepaired",
     )
-    concurrency: int = setting(4, check=_at_least(1), help="backfill requests in flight")
+    concurrency: int = setting(4, check=Range(1, 64), help="backfill requests in flight")
 
 
 @attrs.frozen
 class RotationConfig:
     max_age_s: float = setting(
         23 * 3600.0,
-        check=_positive,
+        check=_positive(DAY_S),
         help="open a replacement before Binance's 24 h disconnect",
     )
-    jitter_s: float = setting(1800.0, check=_at_least(0), help="spread of rotations across shards")
+    jitter_s: float = setting(
+        1800.0, check=Range(0, DAY_S), help="spread of rotations across shards"
+    )
     overlap_timeout_s: float = setting(
         30.0,
-        check=_positive,
+        check=_positive(HOUR_S),
         help="how long a replacement may take to deliver before switching",
     )
 
@@ -612,6 +844,7 @@ class Config:
     routes: dict[str, str] = setting(
         DEFAULT_ROUTES,
         check=_check_routes,
+        merge="over_layers",
         help="topic per extra stream kind (trade, kline and ticker use [topics])",
     )
     batch: BatchConfig = attrs.field(factory=BatchConfig)
@@ -637,6 +870,33 @@ class Config:
         return self.routes.get(kind, DEFAULT_ROUTES[kind])
 
 
+@attrs.frozen
+class Rule:
+    """A check across settings: `holds(values by key)`, else ConfigError naming `key` and the
+    source of `source_of`."""
+
+    key: str
+    source_of: str
+    holds: Callable[[Mapping[str, Any]], bool]
+    problem: str
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "components",
+        "components.ingest",
+        lambda v: any(v[f"components.{name}"] for name in COMPONENTS),
+        "no component enabled",
+    ),
+    Rule(
+        "supervisor.backoff_max_s",
+        "supervisor.backoff_max_s",
+        lambda v: v["supervisor.backoff_max_s"] >= v["supervisor.backoff_initial_s"],
+        "must be >= backoff_initial_s",
+    ),
+)
+
+
 # -- walking the declarations ---------------------------------------------------------------------
 
 
@@ -647,6 +907,10 @@ class Setting:
     default: Any
     meta: _Meta
 
+    @property
+    def convert(self) -> Converter:
+        return self.meta.convert or _BY_TYPE[self.type]
+
 
 def _walk(cls: type, prefix: str = "") -> Iterator[Setting]:
     hints = get_type_hints(cls)
@@ -656,84 +920,15 @@ def _walk(cls: type, prefix: str = "") -> Iterator[Setting]:
         if attrs.has(tp):
             yield from _walk(tp, key + ".")
             continue
+        meta = field.metadata[_META]
+        if meta.convert is None and tp not in _BY_TYPE:
+            raise TypeError(f"{key}: no converter for {tp!r}")  # a bug in the declarations
         factory = getattr(field.default, "factory", None)
         default = factory() if callable(factory) else field.default
-        yield Setting(key, tp, default, field.metadata[_META])
+        yield Setting(key, tp, default, meta)
 
 
 SETTINGS: dict[str, Setting] = {s.key: s for s in _walk(Config)}
-_DICT_SETTINGS = {k for k, s in SETTINGS.items() if get_origin(s.type) is dict}
-
-
-# -- coercion of raw values (TOML values or env strings) ------------------------------------------
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _coerce(setting: Setting, value: Any, from_text: bool) -> Any:
-    tp = setting.type
-    origin = get_origin(tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if from_text and str(value).strip().lower() in _TRUE | _FALSE:
-            return str(value).strip().lower() in _TRUE
-        raise ValueError("must be true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_text and re.fullmatch(r"\s*[-+]?\d+\s*", str(value)):
-            return int(value)
-        raise ValueError("must be an integer")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if from_text:
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError("must be a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if setting.key == "kafka.acks" and isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # `acks = 1` in TOML means "1"
-        raise ValueError("must be a string")
-    if origin is tuple:
-        if isinstance(value, str):
-            items = [v.strip() for v in value.split(",")]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            items = [v.strip() for v in value]
-        else:
-            raise ValueError("must be a list of strings (comma-separated in an env var)")
-        return tuple(v for v in items if v)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError("must be a table")
-        value_type = get_args(tp)[1]
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if value_type is float:
-                if isinstance(v, bool) or not isinstance(v, int | float):
-                    raise ValueError(f"{k}: must be a number")
-                out[k] = float(v)
-            else:
-                # librdkafka properties are strings; accept TOML scalars for convenience.
-                if isinstance(v, dict | list):
-                    raise ValueError(f"{k}: must be a scalar")
-                out[k] = str(v).lower() if isinstance(v, bool) else str(v)
-        return out
-    raise TypeError(f"unsupported setting type {tp!r}")  # a bug in the declarations
-
-
-def _validate(setting: Setting, value: Any) -> Any:
-    if setting.key == "tickers.symbols":
-        value = _upper_symbols(value)
-    if setting.meta.check is not None:
-        setting.meta.check(value)
-    return value
 
 
 # -- layers ---------------------------------------------------------------------------------------
@@ -743,6 +938,12 @@ def _validate(setting: Setting, value: Any) -> Any:
 class Value:
     value: Any
     source: str  # "default", "marketd.toml:12", "env KAFKA_ACKS", ".env:3", "cli --shard"
+
+
+@attrs.frozen
+class _Layer:
+    values: dict[str, Value]
+    from_text: bool  # environment strings (env, .env, CLI) rather than typed TOML values
 
 
 def _toml_line_index(text: str) -> dict[str, int]:
@@ -763,15 +964,27 @@ def _toml_line_index(text: str) -> dict[str, int]:
     return index
 
 
-def _toml_layer(path: Path) -> dict[str, Value]:
+def _read_text(path: Path, key: str) -> str:
+    """A config file's text, or ConfigError (unreadable, not UTF-8: binary, UTF-16...)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError("--config", str(path), f"cannot read: {exc.strerror}") from None
+        raise ConfigError(key, str(path), f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            key, str(path), f"not UTF-8 text (byte {exc.start}); the file must be UTF-8"
+        ) from None
+
+
+def _toml_layer(path: Path) -> dict[str, Value]:
+    text = _read_text(path, "--config")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError("--config", str(path), "not valid TOML: nested too deeply") from None
     lines = _toml_line_index(text)
     out: dict[str, Value] = {}
 
@@ -808,28 +1021,25 @@ def _env_layer(environ: Mapping[str, str], source: Callable[[str], str]) -> dict
     for key, s in SETTINGS.items():
         if s.meta.env and s.meta.env in environ:
             out[key] = Value(environ[s.meta.env], source(s.meta.env))
-    if "MARKETD_COMPONENTS" in environ:
-        raw = environ["MARKETD_COMPONENTS"]
-        names = {n.strip().lower() for n in raw.split(",") if n.strip()}
-        unknown = names - set(COMPONENTS) - {"all"}
-        where = source("MARKETD_COMPONENTS")
-        if unknown or not names:
-            raise ConfigError(
-                "components",
-                where,
-                f"{raw!r}: comma-separated subset of {', '.join(COMPONENTS)} (or all)",
-            )
-        for name in COMPONENTS:
-            out[f"components.{name}"] = Value("all" in names or name in names, where)
+    for var, group in GROUP_ENVS.items():
+        if var in environ:
+            where = source(var)
+            try:
+                values = group.parse(environ[var])
+            except ValueError as exc:
+                raise ConfigError(group.section, where, f"{shorten(environ[var])}: {exc}") from None
+            for name, value in values.items():
+                out[f"{group.section}.{name}"] = Value(value, where)
     return out
 
 
 def _read_dotenv(path: Path) -> tuple[dict[str, str], dict[str, int]]:
     from dotenv import dotenv_values
 
+    text = _read_text(path, ".env")
     values = {k: v for k, v in dotenv_values(path).items() if v is not None}
     lines: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         m = re.match(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", line)
         if m:
             lines[m.group(1)] = lineno
@@ -851,54 +1061,53 @@ def load_config(
 ) -> LoadedConfig:
     """Merge defaults < TOML < .env < environment < overrides into a validated Config."""
     environ = os.environ if environ is None else environ
-    layers: list[dict[str, Value]] = []
+    layers: list[_Layer] = []
     if path is not None:
-        layers.append(_toml_layer(Path(path)))
+        layers.append(_Layer(_toml_layer(Path(path)), from_text=False))
     if dotenv is not None and Path(dotenv).is_file():
         dotenv_path = Path(dotenv)
         values, lines = _read_dotenv(dotenv_path)
-        layers.append(
-            _env_layer(values, lambda var: f"{dotenv_path}:{lines.get(var, '?')} ({var})")
-        )
-    layers.append(_env_layer(environ, lambda var: f"env {var}"))
+        source = lambda var: f"{dotenv_path}:{lines.get(var, '?')} ({var})"  # noqa: E731
+        layers.append(_Layer(_env_layer(values, source), from_text=True))
+    layers.append(_Layer(_env_layer(environ, lambda var: f"env {var}"), from_text=True))
     if overrides:
         for key in overrides:
             if key not in SETTINGS:
                 raise ConfigError(key, overrides[key].source, "unknown setting")
-        layers.append(dict(overrides))
+        layers.append(_Layer(dict(overrides), from_text=True))
 
     merged: dict[str, Value] = {k: Value(s.default, "default") for k, s in SETTINGS.items()}
     for layer in layers:
-        for key, raw in layer.items():
-            s = SETTINGS[key]
-            from_text = raw.source.startswith(("env ", "cli ")) or ".env" in raw.source
-            try:
-                value = _validate(s, _coerce(s, raw.value, from_text))
-            except ValueError as exc:
-                # Always redacted: a bad entry in [kafka.producer] must not print its password.
-                shown = redact_value(key, raw.value)
-                detail = str(exc)
-                if key == "binance.streams":
-                    # Stream errors name the offending stream themselves; the whole list would
-                    # only bury it.
-                    raise ConfigError(key, raw.source, detail) from None
-                raise ConfigError(key, raw.source, f"{shown!r}: {detail}") from None
-            if key in _DICT_SETTINGS and key != "binance.silence_timeout_s":
-                # Passthrough tables merge key by key across layers.
-                value = {**merged[key].value, **value} if merged[key].source != "default" else value
-            if key == "binance.silence_timeout_s":
-                value = {**merged[key].value, **value}
-            merged[key] = Value(value, raw.source)
-    _cross_checks(merged)
+        for key, raw in layer.values.items():
+            merged[key] = _merge(SETTINGS[key], merged[key], _accept(SETTINGS[key], raw, layer))
+    for rule in RULES:
+        if not rule.holds({k: v.value for k, v in merged.items()}):
+            raise ConfigError(rule.key, merged[rule.source_of].source, rule.problem)
     return LoadedConfig(_structure(merged), merged)
 
 
-def _cross_checks(merged: Mapping[str, Value]) -> None:
-    if not any(merged[f"components.{n}"].value for n in COMPONENTS):
-        raise ConfigError("components", merged["components.ingest"].source, "no component enabled")
-    sup = merged["supervisor.backoff_max_s"]
-    if sup.value < merged["supervisor.backoff_initial_s"].value:
-        raise ConfigError("supervisor.backoff_max_s", sup.source, "must be >= backoff_initial_s")
+def _accept(s: Setting, raw: Value, layer: _Layer) -> Value:
+    """Convert and check one raw value, or raise the one-line ConfigError."""
+    try:
+        value = s.convert(raw.value, layer.from_text)
+        if s.meta.check is not None:
+            s.meta.check(value)
+    except ValueError as exc:
+        if not s.meta.echo:
+            raise ConfigError(s.key, raw.source, str(exc)) from None
+        # Always redacted: a bad entry in [kafka.producer] must not print its password.
+        shown = shorten(redact_value(s.key, raw.value))
+        raise ConfigError(s.key, raw.source, f"{shown}: {exc}") from None
+    return Value(value, raw.source)
+
+
+def _merge(s: Setting, below: Value, new: Value) -> Value:
+    """A table merges key by key over what it replaces, if its declaration says so."""
+    if s.meta.merge == "over_default" or (
+        s.meta.merge == "over_layers" and below.source != "default"
+    ):
+        return Value({**below.value, **new.value}, new.source)
+    return new
 
 
 _converter = cattrs.Converter(detailed_validation=False)
@@ -963,5 +1172,5 @@ def render_config(loaded: LoadedConfig) -> str:
 def env_names() -> dict[str, str]:
     """env var -> dotted key, for docs and for the compose/Dockerfile checks."""
     names = {s.meta.env: k for k, s in SETTINGS.items() if s.meta.env}
-    names["MARKETD_COMPONENTS"] = "components"
+    names.update({var: group.section for var, group in GROUP_ENVS.items()})
     return names

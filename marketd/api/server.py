@@ -18,7 +18,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
 from marketd.api.app import API_COMPONENT, create_app
-from marketd.api.bind import bind_error
+from marketd.api.bind import bind_error, probe_bind
 from marketd.logs import get_logger
 from marketd.runtime import Runtime
 
@@ -97,6 +97,10 @@ async def run_api(
     """Component entry point: started() once listening; returns after the drain."""
     cfg = rt.config.api
     rt.health.set(API_COMPONENT, started=False, healthy=False, detail="starting")
+    # Probe the address first (with sockets closed whatever happens: Hypercorn's own failed bind
+    # leaves its socket to the garbage collector), so a bad api.host/api.port fails here.
+    where = ("at start-up", "at start-up")
+    await trio.to_thread.run_sync(probe_bind, cfg.host, cfg.port, where)
     app = CloseAfterResponse(create_app(rt))
     listening = False
     try:
@@ -111,12 +115,11 @@ async def run_api(
             rt.health.set(API_COMPONENT, started=True, healthy=True, detail="listening")
             task_status.started()
     except (OSError, BaseExceptionGroup) as exc:
-        # `marketd run` probes the address first; this is the address taken in between (or a
-        # daemon started without the CLI): the same one-line error, which no restart can fix.
+        # The probe passed but the address was taken in between: the same one-line error.
         failure = None if listening else _os_error(exc)
         if failure is None:
             raise
-        raise bind_error(failure, cfg.host, cfg.port, ("at start-up", "at start-up")) from exc
+        raise bind_error(failure, cfg.host, cfg.port, where) from exc
     finally:
         rt.health.set(API_COMPONENT, healthy=False, detail="stopped")
     log.info("api.stopped")
