@@ -22,6 +22,7 @@ this process's scheduling delay, so the latency figures are an upper bound.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -122,10 +123,8 @@ async def connect_all(
                 run.per_client[i] += 1
                 run.events += 1
                 if measure and event.event == "ticker":
-                    key = (event.data["symbol"], event.data["event_time"])
-                    sent = run.written_ns.get(key)
-                    if sent is not None:
-                        run.latencies_ms.append((event.received_ns - sent) / 1e6)
+                    # updated_at: the writer's wall clock (ms) just before the write.
+                    run.latencies_ms.append(event.received_ns / 1e6 - event.data["updated_at"])
         except (EOFError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             run.ended.append(type(exc).__name__)
         finally:
@@ -148,9 +147,10 @@ async def write_paced(store: TickerStore, run: Run, seconds: float) -> int:
         await trio.sleep_until(start + n / len(SYMBOLS))
         symbol = SYMBOLS[n % len(SYMBOLS)]
         event_time = base_ms + n  # unique and increasing per symbol
+        written_ms = time.time_ns() // 1_000_000  # updated_at: clients measure from it
         run.written_ns[(symbol, event_time)] = time.time_ns()
         await trio.to_thread.run_sync(
-            store.write, [ticker_record(symbol, event_time)], event_time, 3600, limiter=limiter
+            store.write, [ticker_record(symbol, event_time)], written_ms, 3600, limiter=limiter
         )
         n += 1
     return n
@@ -162,7 +162,7 @@ async def write_flat_out(store: TickerStore, seconds: float) -> int:
     base_ms = time.time_ns() // 1_000_000
     while trio.current_time() - start < seconds:
         records = [ticker_record(s, base_ms + n) for s in SYMBOLS]
-        await trio.to_thread.run_sync(store.write, records, base_ms, 3600)
+        await trio.to_thread.run_sync(store.write, records, time.time_ns() // 1_000_000, 3600)
         n += 1
     return n * len(SYMBOLS)
 
@@ -186,6 +186,67 @@ def wrk(url: str, seconds: int) -> str:
     )
 
 
+async def worker(port: int, n: int, path: str, measure: bool) -> None:
+    """A client process: n streams; prints "ready", reads until stdin closes, prints a summary."""
+    run = Run()
+    async with trio.open_nursery() as nursery:
+        await connect_all(port, n, path, nursery, run, measure)
+        run.events = 0
+        run.per_client = [0] * n
+        run.latencies_ms.clear()
+        print("ready", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)
+        nursery.cancel_scope.cancel()
+    print(
+        json.dumps(
+            {
+                "latencies_ms": [round(x, 2) for x in run.latencies_ms],
+                "per_client": run.per_client,
+                "ended": run.ended,
+                "events": run.events,
+            }
+        ),
+        flush=True,
+    )
+
+
+class Workers:
+    """`--client-procs` client processes sharing `n` streams between them."""
+
+    def __init__(self, args: argparse.Namespace, port: int, n: int, path: str, measure: bool):
+        self.procs: list[subprocess.Popen[str]] = []
+        k = max(1, min(args.client_procs, n))
+        for i in range(k):
+            share = n // k + (1 if i < n % k else 0)
+            cmd = [sys.executable, __file__, "--worker", "--port", str(port), "--n", str(share)]
+            cmd += ["--path", path] + (["--measure"] if measure else [])
+            self.procs.append(
+                subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            )
+
+    def wait_ready(self) -> None:
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if line.strip() != "ready":
+                raise SystemExit(f"client process failed: {line!r}")
+
+    def finish(self) -> Run:
+        run = Run()
+        for proc in self.procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.close()
+        for proc in self.procs:
+            assert proc.stdout is not None
+            summary = json.loads(proc.stdout.readline())
+            proc.wait(30)
+            run.latencies_ms += summary["latencies_ms"]
+            run.per_client += summary["per_client"]
+            run.ended += summary["ended"]
+            run.events += summary["events"]
+        return run
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -194,20 +255,21 @@ def pct(values: list[float], q: float) -> float:
 async def fanout(
     args: argparse.Namespace, api: subprocess.Popen[bytes], port: int, url: str
 ) -> None:
-    run = Run()
+    t0 = time.monotonic()
+    workers = Workers(args, port, args.clients, "/api/v1/stream/tickers", True)
+    await trio.to_thread.run_sync(workers.wait_ready)
+    connect_s = time.monotonic() - t0
+    rss0, cpu0 = proc_stats(api.pid)
+    print(
+        f"fan-out: {args.clients} clients in {len(workers.procs)} processes, connected in "
+        f"{connect_s:.1f} s, API RSS {rss0:.0f} MiB"
+    )
+    polled: list[str] = []
+    poll_s = max(1, int(args.seconds / 2))
     store = TickerStore(url)
+    writer = Run()
     try:
         async with trio.open_nursery() as nursery:
-            t0 = time.monotonic()
-            await connect_all(port, args.clients, "/api/v1/stream/tickers", nursery, run, True)
-            connect_s = time.monotonic() - t0
-            rss0, cpu0 = proc_stats(api.pid)
-            print(
-                f"fan-out: {args.clients} clients connected in {connect_s:.1f} s, "
-                f"RSS {rss0:.0f} MiB"
-            )
-            polled: list[str] = []
-            poll_s = max(1, int(args.seconds / 2))
 
             async def poll() -> None:
                 await trio.sleep(args.seconds / 4)
@@ -219,29 +281,28 @@ async def fanout(
 
             nursery.start_soon(poll)
             w0 = time.monotonic()
-            writes = await write_paced(store, run, args.seconds)
+            writes = await write_paced(store, writer, args.seconds)
             await trio.sleep(1.0)  # the last events arrive
             wall = time.monotonic() - w0
             rss1, cpu1 = proc_stats(api.pid)
-            nursery.cancel_scope.cancel()
     finally:
         store.close()
-    expected = writes  # every client follows every symbol: one event per write
+    run = await trio.to_thread.run_sync(workers.finish)
     lat = run.latencies_ms
-    starved = sum(1 for c in run.per_client if c < 0.5 * expected)
+    starved = sum(1 for c in run.per_client if c < 0.5 * writes)
     print(
         f"  {writes} writes in {args.seconds:g} s ({writes / args.seconds:.1f}/s), "
         f"{run.events:,} events received ({run.events / wall:,.0f}/s)"
     )
     print(
         f"  Redis write -> client receipt: p50 {pct(lat, 0.5):.1f} ms, "
-        f"p99 {pct(lat, 0.99):.1f} ms, "
-        f"max {max(lat, default=float('nan')):.1f} ms ({len(lat):,} samples)"
+        f"p99 {pct(lat, 0.99):.1f} ms, max {max(lat, default=float('nan')):.1f} ms "
+        f"({len(lat):,} samples, ms clock)"
     )
     print(
         f"  events per client: min {min(run.per_client)}, median "
         f"{statistics.median(run.per_client):.0f}, max {max(run.per_client)} "
-        f"(writes {expected}); clients under half: {starved}; ended early: {len(run.ended)}"
+        f"(writes {writes}); clients under half: {starved}; ended early: {len(run.ended)}"
     )
     print(f"  API process: RSS {rss1:.0f} MiB, CPU {100 * (cpu1 - cpu0) / wall:.0f}% of one core")
     figures = polled[0] if polled else "-"
@@ -251,24 +312,20 @@ async def fanout(
 async def max_delivery(
     args: argparse.Namespace, api: subprocess.Popen[bytes], port: int, url: str
 ) -> None:
-    run = Run()
+    path = "/api/v1/stream/tickers?conflate=0"
+    workers = Workers(args, port, args.max_clients, path, False)
+    await trio.to_thread.run_sync(workers.wait_ready)
     store = TickerStore(url)
     try:
-        async with trio.open_nursery() as nursery:
-            await connect_all(
-                port, args.max_clients, "/api/v1/stream/tickers?conflate=0", nursery, run, False
-            )
-            run.events = 0
-            run.per_client = [0] * args.max_clients
-            _, cpu0 = proc_stats(api.pid)
-            t0 = time.monotonic()
-            writes = await write_flat_out(store, args.max_seconds)
-            await trio.sleep(1.0)
-            wall = time.monotonic() - t0
-            _, cpu1 = proc_stats(api.pid)
-            nursery.cancel_scope.cancel()
+        _, cpu0 = proc_stats(api.pid)
+        t0 = time.monotonic()
+        writes = await write_flat_out(store, args.max_seconds)
+        await trio.sleep(1.0)
+        wall = time.monotonic() - t0
+        _, cpu1 = proc_stats(api.pid)
     finally:
         store.close()
+    run = await trio.to_thread.run_sync(workers.finish)
     print(
         f"max delivery: {args.max_clients} clients, no conflation: {writes:,} updates written "
         f"({writes / args.max_seconds:,.0f}/s), {run.events:,} events delivered = "
@@ -284,7 +341,16 @@ def main() -> None:
     p.add_argument("--max-clients", type=int, default=100)
     p.add_argument("--max-seconds", type=float, default=10.0)
     p.add_argument("--marketd", default=f"{sys.executable} -m marketd.cli")
+    p.add_argument("--client-procs", type=int, default=2, help="client processes")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        trio.run(worker, args.port, args.n, args.path, args.measure)
+        return
     print(f"stream bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp, RedisProcess() as redis_server:
         store = TickerStore(redis_server.url)
