@@ -261,6 +261,20 @@ async def test_stream_cap_answers_503(redis_server: RedisProcess) -> None:
 
 
 @pytest.mark.redis
+async def test_keep_alive_comments_while_nothing_changes(redis_server: RedisProcess) -> None:
+    rt = make_rt(redis_server)
+    with trio.fail_after(30):
+        async with (
+            bare_stream_app(rt, StreamLimits(keepalive_s=0.1)) as (_hub, _client, port),
+            sse(port, "/api/v1/stream/tickers") as stream,
+        ):
+            assert (await stream.next()).event == "snapshot"
+            while stream.comments < 2:
+                with trio.move_on_after(0.5):
+                    await stream.next()  # no update comes: only comments arrive
+
+
+@pytest.mark.redis
 async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
     redis_server: RedisProcess,
 ) -> None:

@@ -122,10 +122,11 @@ def shot(page: Any, tmp_path: Path, name: str) -> None:
         shutil.copy(path, Path(artifacts) / path.name)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/bootstrap --dev)")
 def test_dashboard_live_market_health_and_reconnect(
     kafka: TestKafka, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
+    # Fails loudly, like every other missing binary: scripts/test installs it.
+    assert CHROMIUM is not None, "chromium not found: scripts/bootstrap --dev installs it"
     from playwright.sync_api import expect, sync_playwright
 
     port = free_port()
