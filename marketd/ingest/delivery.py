@@ -30,7 +30,9 @@ shadow delivered (it is never sent), one that is given up lets its shadow go out
 Kafka back (a probe answers): the spool is read in append order, at most `replay_window` entries
 outstanding, each sent once unless given back (then, once every outstanding entry has its report,
 the spool is rewound to the first unacknowledged entry and what was delivered meanwhile is
-skipped). When the spool is empty and Kafka up: LIVE again.
+skipped). When everything appended is delivered and acknowledged, and Kafka is up: LIVE again,
+and what came in since the last append is produced directly, after all of it (so a steady input
+cannot keep the stage spooling).
 
 Invariants (`check_invariants`, asserted by the hypothesis tests after every event):
 - the spool is acknowledged as a contiguous prefix: `AckPosition(p)` is issued only when every
@@ -187,8 +189,12 @@ class SkippedDuplicates:
 
 @dataclass(frozen=True, slots=True)
 class GoLive:
+    """Everything spooled is delivered: live again. `produce`: records that came in after the
+    last append, to hand to librdkafka now (already counted as accepted), in this order."""
+
     replayed: int
     outage_s: float
+    produce: Sequence[Any] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,30 +488,31 @@ class Delivery(Generic[P, E]):
         self._backlog.tail = tail
         return []
 
-    def tick(
-        self, now: float, *, spool_pending: int, spool_unread: int, progress_at: float
-    ) -> list[Command[P, E]]:
+    def tick(self, now: float, *, spool_unread: int, progress_at: float) -> list[Command[P, E]]:
         """Spooling: what to do now (the driver calls it after taking waiting batches and
-        serving delivery reports)."""
+        serving delivery reports, and performs the commands in order)."""
         if self.mode is not Mode.SPOOLING:
             return []
         r = self._replay
-        drained = not (self._pending or self._carry or r.outstanding or r.unsent or spool_pending)
-        if drained and self.input_done:
-            return [Stop()]
-        if drained and self.kafka_up:
-            return [self._go_live(now)]
-        if self.input_done and (self.full or not self._pending) and self._draining_over(now):
-            return [Stop()]
         out: list[Command[P, E]] = []
+        ack = self.ack_prefix()
+        if ack is not None:
+            out.append(ack)
+        # Everything appended was read (`spool_unread` 0) and, with this ack, acknowledged:
+        # what came in since the last append can go straight to Kafka, in order after all of it
+        # (so a steady input does not keep the stage spooling until a quiet moment).
+        caught_up = not (self._carry or r.outstanding or r.unsent or spool_unread)
+        if caught_up and self.input_done and not self._pending:
+            return [*out, Stop()]
+        if caught_up and self.kafka_up:
+            return [*out, self._go_live(now)]
+        if self.input_done and (self.full or not self._pending) and self._draining_over(now):
+            return [*out, Stop()]
         if self._carry:
             out.append(Append([rec for _, rec in self._carry], shadows=True))
         elif self._pending:
             out.append(Append(self._pending))
             self._pending = []
-        ack = self.ack_prefix()
-        if ack is not None:
-            out.append(ack)
         if r.given_back:
             if self._all_reported():
                 # Read again from the first unacked entry; what was delivered meanwhile stays
@@ -602,7 +609,8 @@ class Delivery(Generic[P, E]):
         self.mode = Mode.LIVE
         self.full = False
         self._replay.done.clear()
-        return GoLive(self._sent_in_outage, now - self._outage_started)
+        waiting, self._pending = self._pending, []
+        return GoLive(self._sent_in_outage, now - self._outage_started, waiting)
 
     def _draining_over(self, now: float) -> bool:
         """Input over (and appended, or the spool full): replay on while Kafka takes it,

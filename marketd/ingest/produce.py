@@ -50,6 +50,8 @@ _RETURNED: frozenset[int] = frozenset(
 
 
 RunBlocking = Callable[[Callable[[], Any]], Awaitable[Any]]
+# Stands in for the accepted counter when a batch was counted before (never registered).
+_UNCOUNTED = FastCounter("uncounted", "records counted as accepted elsewhere", "topic")
 
 
 async def _in_thread(fn: Callable[[], Any]) -> Any:
@@ -240,12 +242,17 @@ class KafkaSink:
             self._in_flight = trio.Event()
 
     async def produce_batch(
-        self, batch: Batch, give_up: Callable[[], object] | None = None
+        self,
+        batch: Batch,
+        give_up: Callable[[], object] | None = None,
+        *,
+        counted: bool = False,
     ) -> Batch:
         """Hand `batch` to librdkafka; returns the part not handed over (only when `give_up()`
-        turned true while waiting for room in a full queue: the caller spools it)."""
+        turned true while waiting for room in a full queue: the caller spools it). `counted`:
+        the records were counted as accepted already (the spooling stage, going live)."""
         producer = self._producer
-        accepted = self.stats.accepted
+        accepted = _UNCOUNTED if counted else self.stats.accepted
         on_delivery = self._on_delivery
         partial = functools.partial
         if not len(producer):

@@ -191,27 +191,34 @@ class SpoolingProducer:
         `produce_batch` is safe to cancel: only its last checkpoint is cancellable, after every
         record of the batch was handed over.
         """
-        sink, on_batch = self.sink, self.core.on_batch
+        on_batch = self.core.on_batch
         found: list[OutageReason] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_live, nursery.cancel_scope, found)
             async for batch in batches_rx:
-                produce = on_batch(batch)
-                assert isinstance(produce, Produce)  # live: the core says produce
-                rest = await sink.produce_batch(batch, self._outage_reason)
-                if rest or sink.returned:
-                    # Queue full past the outage bound, or librdkafka gave up on some records
-                    # (message.timeout.ms).
-                    reason = self._outage_reason() or (
-                        OutageReason.QUEUE_FULL if rest else OutageReason.GAVE_UP
-                    )
-                    self._enter_outage(reason, rest)
+                produce = on_batch(batch)  # live: Produce(batch), the same list
+                assert isinstance(produce, Produce) and produce.records is batch
+                if not await self._produce_live(batch):
                     nursery.cancel_scope.cancel()
                     return False
             nursery.cancel_scope.cancel()
             return True
         # The watcher found an outage and cancelled the receive.
         self._enter_outage(found[0], [])
+        return False
+
+    async def _produce_live(self, batch: Batch, *, counted: bool = False) -> bool:
+        """Produce `batch`; False when that showed an outage (entered: the stage spools now)."""
+        sink = self.sink
+        rest = await sink.produce_batch(batch, self._outage_reason, counted=counted)
+        if not (rest or sink.returned):
+            return True
+        # Queue full past the outage bound, or librdkafka gave up on some records
+        # (message.timeout.ms).
+        reason = self._outage_reason() or (
+            OutageReason.QUEUE_FULL if rest else OutageReason.GAVE_UP
+        )
+        self._enter_outage(reason, rest, counted=counted)
         return False
 
     async def _watch_live(self, scope: trio.CancelScope, found: list[OutageReason]) -> None:
@@ -233,11 +240,12 @@ class SpoolingProducer:
             returned=len(sink.returned or ()),
         )
 
-    def _enter_outage(self, reason: OutageReason, rest: Batch) -> None:
+    def _enter_outage(self, reason: OutageReason, rest: Batch, *, counted: bool = False) -> None:
         sink = self.sink
         unacked = sink.take_unacked()
         given_up = sink.take_returned()
-        self._accept(rest)
+        if not counted:
+            self._accept(rest)
         self._apply_all(
             self.core.on_outage(
                 reason, self._clock(), unacked=unacked, given_up=given_up, rest=rest
@@ -263,7 +271,6 @@ class SpoolingProducer:
             sink.poll()
             commands = core.tick(
                 self._clock(),
-                spool_pending=spool.pending,
                 spool_unread=spool.unread,
                 progress_at=sink.progress_at,
             )
@@ -272,6 +279,9 @@ class SpoolingProducer:
                     return True
                 await self._perform(cmd)
                 if isinstance(cmd, GoLive):
+                    # What came in since the last append goes to Kafka now (counted on receipt).
+                    if cmd.produce:
+                        await self._produce_live(list(cmd.produce), counted=True)
                     return False
             wait = core.wait_s(spool.unread)
             if not core.takes_batches:

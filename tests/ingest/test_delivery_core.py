@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -105,10 +106,13 @@ class World:
         produce = core.on_batch(records)
         if produce is None:
             return  # spooling: waits for the next append
+        self.produce_live(produce.records)
+
+    def produce_live(self, records: Sequence[Rec]) -> None:
         rest: list[Rec] = []
-        for i, r in enumerate(produce.records):
+        for i, r in enumerate(records):
             if self.in_flight() >= QUEUE_LIMIT:
-                rest = list(produce.records[i:])  # queue full: the driver gives up waiting
+                rest = list(records[i:])  # queue full: the driver gives up waiting
                 break
             if not self.in_flight():
                 self.progress_at = self.now
@@ -194,19 +198,12 @@ class World:
             core.on_returned(late)
         commands = core.tick(
             self.now,
-            spool_pending=len(self.spool) - self.acked,
             spool_unread=len(self.spool) - self.read_at,
             progress_at=self.progress_at,
         )
-        for cmd in commands:
-            if isinstance(cmd, Stop):
-                self.stopped = True
-                assert commands == [cmd]
-            elif isinstance(cmd, GoLive):
-                self.went_live += 1
-                assert commands == [cmd] and core.mode is Mode.LIVE
-            else:
-                self.queue.append(cmd)
+        if any(isinstance(c, Stop | GoLive) for c in commands):
+            assert isinstance(commands[-1], Stop | GoLive), commands
+        self.queue.extend(commands)
 
     def perform(self, cmd: Any) -> None:
         core = self.core
@@ -248,6 +245,12 @@ class World:
                 self.token += 1
                 sent += 1
             core.on_sent(sent)
+        elif isinstance(cmd, Stop):
+            self.stopped = True
+        elif isinstance(cmd, GoLive):
+            self.went_live += 1
+            assert core.mode is Mode.LIVE
+            self.produce_live(cmd.produce)  # what came in since the last append
         elif isinstance(cmd, LoadTail):
             core.on_tail(self.tail if self.kafka_up else None)
         # Probe, StartSpooling, ReplayStalled, KafkaBack: signals, logs and metrics only
@@ -362,7 +365,7 @@ def test_input_end_stops_and_keeps_the_rest_in_the_spool(steps: list[tuple[str, 
         world.step()
     core.on_input_end()
     for _ in range(2000):
-        if not core.spooling or world.stopped:
+        if (not core.spooling or world.stopped) and not world.queue:
             break
         world.step()
         world.probe()
@@ -454,5 +457,30 @@ def test_a_rewind_is_not_held_up_by_a_shadow_waiting_to_be_sent() -> None:
     run(world, steps)
     assert world.core.stashed == 1
     run(world, [("give_up", 0), ("give_up", 0)])  # the original of 2, then replayed entry 0
+    world.heal()
+    assert_exactly_once(world)
+
+
+def test_goes_live_while_batches_keep_coming() -> None:
+    """A steady input must not keep the stage spooling: once the spool is delivered, what came
+    in since the last append goes straight to Kafka."""
+    world = make_world()
+    world.kafka_up = False
+    world.batch(3)
+    world.time(1.5)
+    assert world.core.spooling
+    world.kafka_up = True
+    world.probe()
+    for _ in range(50):
+        world.batch(2)  # before every driver iteration
+        world.step()
+        while world.queue:
+            world.step()
+        while world.in_flight():
+            world.deliver(0)
+        world.core.check_invariants()
+        if world.core.mode is Mode.LIVE:
+            break
+    assert world.core.mode is Mode.LIVE and world.went_live == 1
     world.heal()
     assert_exactly_once(world)
