@@ -34,6 +34,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -356,12 +357,13 @@ def main() -> None:
                 proc.terminate()
             for extra in EXTRA_PROCS:
                 extra.terminate()
-            for proc, _ in (*servers.values(), *((e, "") for e in EXTRA_PROCS)):
+            every: list[subprocess.Popen[Any]] = [p for p, _ in servers.values()]
+            for child in (*every, *EXTRA_PROCS):
                 try:
-                    proc.wait(20)
+                    child.wait(20)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                    child.kill()
+                    child.wait()
     print(f"API bench: {os.cpu_count()} CPUs, wrk -t1 -c32 -d{args.seconds:g}s, {args.reps} reps")
     print(f"{'server':<9}{'route':<26}{'req/s (min-max)':>24}{'p50 ms':>9}{'p99 ms':>9}")
     for (name, route), runs in table.items():
