@@ -1,7 +1,8 @@
 """A private PostgreSQL server: the `analytics.postgres_dsn = "embedded"` setting.
 
-`PostgresCluster` runs initdb in a temporary (or a configured, kept) directory, starts the server
-on 127.0.0.1 and a free port with `pg_ctl`, and stops it on close (fast shutdown, then immediate).
+`PostgresCluster` runs initdb in a temporary (or a configured, kept) directory, runs the server on
+127.0.0.1 and a free port as a guarded child (it stops when marketd dies, however it dies), and
+stops it on close (fast shutdown).
 initdb refuses to run as root: as root the server runs as the `postgres` user (runuser).
 `apply_migrations` brings the analytics tables up to date from spark/migrations/*.sql.
 `embedded_postgres` wraps both for the trio daemon and yields the DSN.
@@ -13,8 +14,11 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,17 +45,17 @@ _RUN_AS = "postgres"
 
 
 def find_bindir() -> Path:
-    """The directory of initdb and pg_ctl: $POSTGRES_BINDIR, Debian's newest
+    """The directory of initdb and postgres: $POSTGRES_BINDIR, Debian's newest
     /usr/lib/postgresql/<version>/bin, else PATH."""
     candidates = [os.environ.get("POSTGRES_BINDIR", "")]
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True)
     for c in candidates:
-        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
+        if c and (Path(c) / "initdb").exists() and (Path(c) / "postgres").exists():
             return Path(c)
     initdb = shutil.which("initdb")
-    if initdb and shutil.which("pg_ctl"):
+    if initdb and (Path(initdb).parent / "postgres").exists():
         return Path(initdb).parent
-    raise MissingDependency(f"PostgreSQL (initdb, pg_ctl) not found; {INSTALL_HINT}")
+    raise MissingDependency(f"PostgreSQL server (initdb, postgres) not found; {INSTALL_HINT}")
 
 
 def _version(path: str) -> int:
@@ -86,6 +90,7 @@ class PostgresCluster:
         )
         self.datadir = self.root / "data"
         self.started = False
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def dsn(self) -> str:
@@ -125,20 +130,29 @@ class PostgresCluster:
                 *(("--no-sync",) if self._temporary else ()),
             )
         options = [
-            f"-p {self.port}",
-            f"-k {self._sockdir}",
-            "-c listen_addresses=127.0.0.1",
-            "-c max_connections=50",
+            *("-p", str(self.port), "-k", str(self._sockdir)),
+            *("-c", "listen_addresses=127.0.0.1", "-c", "max_connections=50"),
         ]
         if self._temporary:
             # Thrown away on exit: durability buys nothing, and fsync is slow on shared disks.
-            options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
-        self._run(
-            str(self.bindir / "pg_ctl"),
-            *("-D", str(self.datadir), "-o", " ".join(options)),
-            *("-w", "-t", "60", "-l", str(self.root / "server.log"), "start"),
-        )
+            options += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
+            options += ["-c", "full_page_writes=off"]
+        # The server is our child through the guard (not pg_ctl's detached daemon): when marketd
+        # dies, even by SIGKILL, the guard's stdin pipe closes and it shuts the server down
+        # (SIGINT: PostgreSQL's fast shutdown). marketd/analytics/guard.py.
+        guard = [sys.executable, "-m", "marketd.analytics.guard", "--stop-signal", "INT"]
+        if self._as_root:
+            guard += ["--user", _RUN_AS]
+        with (self.root / "server.log").open("ab") as log_file:
+            self._proc = subprocess.Popen(
+                [*guard, "--", str(self.bindir / "postgres"), "-D", str(self.datadir), *options],
+                stdin=subprocess.PIPE,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.started = True
+        self._wait_ready(timeout_s=60.0)
         log.info(
             "postgres.embedded_started",
             dsn=self.dsn,
@@ -148,15 +162,47 @@ class PostgresCluster:
         )
         return self
 
-    def stop(self) -> None:
-        if not self.started:
-            return
-        self.started = False
-        pg_ctl = str(self.bindir / "pg_ctl")
+    def _wait_ready(self, timeout_s: float) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                self.started = False
+                raise RuntimeError(f"postgres exited at start: {self._log_tail()}")
+            try:
+                psycopg.connect(self.dsn, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"postgres did not accept connections in {timeout_s:g}s: {exc}; "
+                        f"{self._log_tail()}"
+                    ) from exc
+            time.sleep(0.1)
+
+    def _log_tail(self) -> str:
         try:
-            self._run(pg_ctl, "-D", str(self.datadir), "-m", "fast", "-w", "-t", "20", "stop")
-        except (RuntimeError, subprocess.TimeoutExpired):
-            self._run(pg_ctl, "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+            text = (self.root / "server.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-5:])[-800:]
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        self.started = False
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # the guard passes it on: fast shutdown
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
 
     def close(self) -> None:
         try:

@@ -91,3 +91,16 @@ def test_a_directory_the_postgres_user_cannot_reach_is_named(tmp_path: Path) -> 
             cluster.start()
     finally:
         cluster.close()
+
+
+def test_the_server_stops_when_marketd_dies_without_cleaning_up() -> None:
+    """SIGKILL gives marketd no chance to stop the server: the guard's pipe does it."""
+    cluster = PostgresCluster().start()
+    try:
+        assert cluster._proc is not None and cluster._proc.stdin is not None
+        cluster._proc.stdin.close()  # what the kernel does when marketd dies
+        assert cluster._proc.wait(60) == 0  # fast shutdown, clean exit
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(cluster.dsn, connect_timeout=2)
+    finally:
+        cluster.close()
