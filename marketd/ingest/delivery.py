@@ -34,11 +34,13 @@ skipped). When everything appended is delivered and acknowledged, and Kafka is u
 and what came in since the last append is produced directly, after all of it (so a steady input
 cannot keep the stage spooling).
 
-Invariants (`check_invariants`, asserted by the hypothesis tests after every event):
+Invariants (`check_invariants`, asserted by tests/ingest/test_delivery_core.py after every
+event; the first one is also checked there against a model of the spool at every ack):
 - the spool is acknowledged as a contiguous prefix: `AckPosition(p)` is issued only when every
   entry up to p is resolved (delivered, dead-lettered, or an earlier run's trade already in the
   topic), and acknowledged entries are never read again;
-- the outstanding entries are a contiguous run of ordinals starting at the first unacknowledged;
+- the outstanding (read, unacknowledged) entries are a contiguous run of ordinals, none below
+  the ack point;
 - an entry is in at most one of: resolved (`done`), waiting for its original (`awaiting`),
   waiting to be sent (`unsent`); only read entries can be stashed, unsent or given back;
 - a shadow with a spool ordinal is exactly an entry waiting for its original;
