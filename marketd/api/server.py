@@ -29,16 +29,17 @@ KEEP_ALIVE_S: Final = 5.0
 
 
 class CloseAfterResponse:
-    """ASGI middleware: the send that ends a response is shielded from the app's cancellation.
+    """ASGI middleware: the app hears `http.disconnect` only once its last send has returned.
 
     Quart-Trio runs each request as two tasks in one nursery: one sends the response, one waits
     for `http.disconnect` and cancels the nursery when it comes. Hypercorn-trio delivers that
     disconnect from *inside* the app's last `send`, which then goes on to close the socket (for
-    HTTP/1.0 and `Connection: close`) or to arm the keep-alive timer. The cancellation lands on
+    HTTP/1.0 and `Connection: close`) or to arm the keep-alive timer. The cancellation landed on
     the next checkpoint of that very send, so the socket was never closed and the idle timer
     never armed: such clients hung until they gave up, and idle connections stayed open for
-    ever (one file descriptor each). Shielding that last send lets Hypercorn finish its own
-    bookkeeping; the send does not block on the client (Hypercorn writes with its own shield).
+    ever (one file descriptor each). Holding the disconnect back until the last send is done lets
+    Hypercorn finish its bookkeeping. (A shielding cancel scope around the last send works too
+    but costs more per request, and would also shield it from a shutdown's cancellation.)
     Upstream: pgjones/hypercorn issue #330 ("Connection:close ignored?").
     """
 
@@ -49,15 +50,26 @@ class CloseAfterResponse:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        last_sent: trio.Event | None = None  # set once the response's last send has returned
 
-        async def send_last_shielded(message: Any) -> None:
+        async def send_tracking_last(message: Any) -> None:
+            nonlocal last_sent
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                with trio.CancelScope(shield=True):
+                last_sent = trio.Event()
+                try:
                     await send(message)
+                finally:
+                    last_sent.set()
             else:
                 await send(message)
 
-        await self.app(scope, receive, send_last_shielded)
+        async def receive_after_last() -> Any:
+            message = await receive()
+            if message["type"] == "http.disconnect" and last_sent is not None:
+                await last_sent.wait()
+            return message
+
+        await self.app(scope, receive_after_last, send_tracking_last)
 
 
 def hypercorn_config(host: str, port: int) -> HyperConfig:
