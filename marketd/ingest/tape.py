@@ -68,6 +68,10 @@ class TapeKeeper:
         self.gaps_topic = gaps_topic
         self.dlq_topic = dlq_topic
         self.dlq_max_raw_bytes = dlq_max_raw_bytes
+        # The decoder's counter (one per registry): a quarantined trade is a rejected frame too.
+        self._rejected = (metrics or MetricsFactory()).fast_counter(
+            "decode_rejected", "frames rejected per reason", "reason"
+        )
         self._backfill_topics = backfill_topics  # record type -> topic of recovered records
         self._request = request
         self.trades: TradeGate[Outgoing] = TradeGate(
@@ -163,6 +167,7 @@ class TapeKeeper:
     def _dead_letter(self, q: Quarantine[Outgoing]) -> Outgoing:
         """The DLQ record of a quarantined trade: its decoded value stands in for the frame."""
         o = q.record
+        self._rejected.inc(Reason.IMPLAUSIBLE_ID)
         stream = msgspec.json.decode(o.value, type=_Stream).stream
         record = dlq_record(
             o.value,

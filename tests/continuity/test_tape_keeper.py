@@ -7,6 +7,7 @@ import msgspec
 from marketd.ingest.continuity import RequestBackfill
 from marketd.ingest.decode import Decoder, Frame, Outgoing, Topics
 from marketd.ingest.tape import Request, TapeKeeper
+from marketd.metrics import MetricsFactory
 from marketd.records import TradeRecord
 from tests.ingest import frames as f
 
@@ -79,6 +80,15 @@ def test_a_quarantined_trade_goes_to_the_dlq_with_its_stream_and_symbol() -> Non
     assert (record["reason"], record["stream"]) == ("implausible_id", "btcusdt@trade")
     assert msgspec.json.decode(record["raw"])["trade_id"] == 10**12
     assert "far above" in record["detail"]
+    assert k._rejected.get("implausible_id") == 1
+
+
+def test_quarantines_count_in_the_decoders_rejection_counter() -> None:
+    metrics = MetricsFactory()
+    k = TapeKeeper(gaps_topic="gaps", backfill_topics={}, request=lambda _r: True, metrics=metrics)
+    rejected = metrics.fast_counter("decode_rejected", "frames rejected per reason", "reason")
+    k.admit([trade("BTCUSDT", 1), trade("BTCUSDT", 10**12), trade("BTCUSDT", 2)], now=0.0)
+    assert rejected.get("implausible_id") == 1
 
 
 # -- the whole decode stage: frames in, records out ----------------------------------------------
