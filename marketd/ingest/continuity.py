@@ -11,8 +11,8 @@ emitted with strictly increasing ids, each id at most once; an id is skipped onl
 record (repaired=false) for it was emitted, in tape order. Backfilled trades are emitted in
 their place in that order (never after a later live trade), flagged `backfill=True`.
 
-No single corrupt value may make a gate discard the valid data after it (README, "Guarantees and
-behaviour"): the trade gate holds an id that is implausibly far from its tape aside until the next
+No single corrupt value may make a gate discard the valid data after it (README, "No trade
+lost"): the trade gate holds an id that is implausibly far from its tape aside until the next
 trade confirms it (or quarantines it), and the kline and ticker gates only trust what a second
 record corroborates.
 """
@@ -46,7 +46,7 @@ DEFAULT_MAX_HELD: Final = 50_000
 # TRADE_RATE_PER_S ids per second since the symbol's last live trade (counted for at most
 # STEP_HORIZON_S). The rate is a design assumption, not a Binance figure: well above what the
 # busiest spot symbols trade, so a reconnect's hole always fits, while a corrupt id (10^12,
-# 2^62) does not (README, "Guarantees and behaviour"). A jump beyond the bound is not trusted
+# 2^62) does not (README, "No trade lost"). A jump beyond the bound is not trusted
 # blindly: the trade waits aside until the next live trade of its symbol continues it (a real
 # jump: a restart after a long stop, or a new tape) or continues the old tape (an outlier: the
 # held trade goes to the dead-letter topic as implausible_id).

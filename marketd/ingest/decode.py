@@ -309,7 +309,7 @@ class Decoder:
     def _unwrapped(self, env: wire.Envelope, frame: Frame) -> None:
         # Control replies: {"result": ..., "id": ...}; errors flat {"code","msg"} or nested
         # {"error": {...}}, with id possibly null or absent (API-NOTES §3). marketd only opens
-        # combined-stream connections (README, "Data contract"), where every market event comes
+        # combined-stream connections (README, "Record contract"), where every market event comes
         # in a {"stream", "data"} envelope: a bare event is not trusted to say what it is.
         if env.result is not msgspec.UNSET and env.id is not msgspec.UNSET:
             self._control("result", frame, f"id={env.id!r}")
@@ -465,7 +465,7 @@ class Decoder:
             raise Reject(Reason.ABSURD_TIMESTAMP, f"kline close {k.T} not within its interval")
         o, h, lo, c = _udec(k.o, "o"), _udec(k.h, "h"), _udec(k.l, "l"), _udec(k.c, "c")
         _check_range(o, h, lo, c)
-        # -1/-1: a kline without trades (README, "Data contract").
+        # -1/-1: a kline without trades (README, "Record contract").
         first, last = _opt_id(k.f, "f"), _opt_id(k.L, "L")
         if first > last:
             raise Reject(
