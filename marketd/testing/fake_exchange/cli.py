@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
     p.add_argument("--weight-limit", type=int, default=6000, help="REST weight per minute")
     p.add_argument("--chunk-frames", type=int, default=256, help="frames per write at max rate")
+    p.add_argument("--book-levels", type=int, default=200, help="order book levels per side")
+    p.add_argument(
+        "--depth-max",
+        action="store_true",
+        help="diff depth streams: one event per book step, as fast as the client reads",
+    )
     p.add_argument("--log-level", default="WARNING")
     f = p.add_argument_group("fault switches (also POST /fake/faults at runtime)")
     f.add_argument("--drop-after", type=int, metavar="N", help="drop the connection after N frames")
@@ -79,6 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--rest-503-for", type=float, metavar="S", help="REST 503s for S seconds")
     f.add_argument("--nested-errors", action="store_true", help='errors as {"error":{...}}')
     f.add_argument("--no-msg-limit", action="store_true", help="do not enforce 5 messages/s")
+    f.add_argument(
+        "--depth-drop-after", type=int, metavar="N", help="withhold a diff event after N of them"
+    )
+    f.add_argument("--depth-drop-repeat", action="store_true", help="... after every N")
+    f.add_argument(
+        "--stale-depth-snapshot",
+        type=int,
+        metavar="STEPS",
+        help="the next /api/v3/depth answer is the book STEPS events ago (once)",
+    )
 
 
 def _faults(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,6 +113,9 @@ def _faults(args: argparse.Namespace) -> dict[str, Any]:
         "skip_count": args.skip_count,
         "nested_errors": args.nested_errors,
         "enforce_msg_limit": not args.no_msg_limit,
+        "depth_drop_after": args.depth_drop_after,
+        "depth_drop_repeat": args.depth_drop_repeat,
+        "stale_depth_snapshot": args.stale_depth_snapshot,
     }
     if args.malformed_kinds:
         changes["malformed_kinds"] = args.malformed_kinds
@@ -120,6 +139,8 @@ def config_from_args(args: argparse.Namespace) -> ExchangeConfig:
         speed=args.speed,
         chunk_frames=args.chunk_frames,
         weight_limit=args.weight_limit,
+        book_levels=args.book_levels,
+        depth_max=args.depth_max,
         faults=faults,
     )
 

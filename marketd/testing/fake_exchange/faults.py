@@ -53,9 +53,22 @@ class Faults:
     rest_503_until: float = 0.0
     nested_errors: bool = False  # control errors as {"error":{code,msg},"id"} (3P shape)
     enforce_msg_limit: bool = True  # 5 incoming messages/s, else disconnect (docs/binance.md §2)
+    # Depth: withhold one diff event on the WebSocket after N diff events of a stream (the book
+    # and REST go on as if it was sent): once, or after every N with depth_drop_repeat.
+    depth_drop_after: int | None = None
+    depth_drop_repeat: bool = False
+    # Depth: the next /api/v3/depth answer is the book this many steps (events) ago; then off.
+    stale_depth_snapshot: int | None = None
 
     def validate(self) -> None:
-        for name in ("drop_after", "stall_after", "shutdown_after", "skip_every"):
+        for name in (
+            "drop_after",
+            "stall_after",
+            "shutdown_after",
+            "skip_every",
+            "depth_drop_after",
+            "stale_depth_snapshot",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
@@ -83,9 +96,23 @@ class Faults:
 
 
 _FIELDS = {f.name: f for f in attrs.fields(Faults)}
-_INT_OR_NONE = {"drop_after", "stall_after", "shutdown_after", "skip_every"}
+_INT_OR_NONE = {
+    "drop_after",
+    "stall_after",
+    "shutdown_after",
+    "skip_every",
+    "depth_drop_after",
+    "stale_depth_snapshot",
+}
 _FLOAT_OR_NONE = {"stall_for_s", "max_connection_age_s"}
-_BOOLS = {"drop_repeat", "stall_repeat", "stall_pings", "nested_errors", "enforce_msg_limit"}
+_BOOLS = {
+    "drop_repeat",
+    "stall_repeat",
+    "stall_pings",
+    "nested_errors",
+    "enforce_msg_limit",
+    "depth_drop_repeat",
+}
 
 
 def apply_changes(faults: Faults, changes: Mapping[str, Any], now: float) -> Faults:

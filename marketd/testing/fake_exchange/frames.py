@@ -318,6 +318,43 @@ def avg_price_payload(
     )
 
 
+# ---- Depth: diff events, partial books, REST snapshots (levels as (price_e8, qty_e8)) ----
+
+
+def _levels(levels: list[tuple[int, int]]) -> list[list[str]]:
+    return [[fmt8(p), fmt8(q)] for p, q in levels]
+
+
+def depth_diff_payload(
+    symbol: str,
+    first_id: int,
+    last_id: int,
+    bids: list[tuple[int, int]],
+    asks: list[tuple[int, int]],
+    event_us: int,
+    div: int,
+) -> bytes:
+    """A `<symbol>@depth[@100ms]` event (docs/books.md): quantity "0" removes a level."""
+    return orjson.dumps(
+        {
+            "e": "depthUpdate",
+            "E": event_us // div,
+            "s": symbol,
+            "U": first_id,
+            "u": last_id,
+            "b": _levels(bids),
+            "a": _levels(asks),
+        }
+    )
+
+
+def depth_book_dict(
+    last_id: int, bids: list[tuple[int, int]], asks: list[tuple[int, int]]
+) -> dict[str, object]:
+    """A partial-book payload (no e/E/s) and the REST /api/v3/depth body: the same shape."""
+    return {"lastUpdateId": last_id, "bids": _levels(bids), "asks": _levels(asks)}
+
+
 def server_shutdown_frame(event_us: int, div: int, combined: bool) -> bytes:
     payload = orjson.dumps({"e": "serverShutdown", "E": event_us // div})
     return ws_frame(wrap("!serverShutdown", payload, combined))

@@ -16,7 +16,7 @@ import attrs
 import orjson
 import trio
 
-from marketd.testing.fake_exchange.frames import fmt8, fmt16
+from marketd.testing.fake_exchange.frames import depth_book_dict, fmt8, fmt16
 from marketd.testing.fake_exchange.market import Tape, spec_for
 from marketd.testing.fake_exchange.state import ExchangeState
 from marketd.testing.fake_exchange.stats import (
@@ -404,6 +404,44 @@ def _agg_weight(params: Mapping[str, str]) -> int:
     return 4
 
 
+MAX_DEPTH_LIMIT = 5000
+
+
+def _depth_weight(params: Mapping[str, str]) -> int:
+    """5 / 25 / 50 / 250 for limit 1-100 / 101-500 / 501-1000 / 1001-5000 (docs/books.md)."""
+    raw = params.get("limit") or "100"
+    limit = int(raw) if raw.isdigit() and len(raw) < 10 else 100
+    if limit <= 100:
+        return 5
+    if limit <= 500:
+        return 25
+    return 50 if limit <= 1000 else 250
+
+
+def _depth(api: RestApi, params: Mapping[str, str], div: int) -> Any:
+    """`lastUpdateId` and the top `limit` levels (an older book once: stale_depth_snapshot)."""
+    api._tape(params)  # symbol checks
+    limit = _int(params, "limit", 100)
+    assert limit is not None
+    if not 1 <= limit <= MAX_DEPTH_LIMIT:
+        raise ApiError(400, -1130, "Data sent for parameter 'limit' is not valid.")
+    state = api.state
+    sim = state.books.get(params["symbol"].upper())
+    if sim is None:  # listed but not trading: an empty book
+        return depth_book_dict(0, [], [])
+    sim.advance_to(state.clock.now_us())
+    back = state.faults.stale_depth_snapshot
+    if back is not None:
+        state.faults = attrs.evolve(state.faults, stale_depth_snapshot=None)  # once
+        state.counters["stale_depth_snapshot"] += 1
+        steps = list(sim.history)
+        at = steps[-back].first_id - 1 if back <= len(steps) else sim.first_known_id
+        bids, asks = sim.top(limit, sim.book_at(at))
+        return depth_book_dict(at, bids, asks)
+    bids, asks = sim.top(limit)
+    return depth_book_dict(sim.last_id, bids, asks)
+
+
 _ROUTES: dict[str, tuple[Callable[[Mapping[str, str]], int], Handler]] = {
     "/api/v3/ping": (lambda _p: 1, _ping),
     "/api/v3/time": (lambda _p: 1, _time),
@@ -411,6 +449,7 @@ _ROUTES: dict[str, tuple[Callable[[Mapping[str, str]], int], Handler]] = {
     "/api/v3/trades": (lambda _p: 25, _trades),
     "/api/v3/historicalTrades": (lambda _p: 25, _historical_trades),
     "/api/v3/aggTrades": (_agg_weight, _agg_trades),
+    "/api/v3/depth": (_depth_weight, _depth),
     "/api/v3/klines": (lambda _p: 2, _klines),
     "/api/v3/uiKlines": (lambda _p: 2, _klines),
 }

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from marketd.testing.fake_exchange.book import DEFAULT_HISTORY, DEFAULT_LEVELS, Books
 from marketd.testing.fake_exchange.clock import SimClock
 from marketd.testing.fake_exchange.faults import FaultCounters, Faults, apply_changes
 from marketd.testing.fake_exchange.ledger import Ledger
@@ -50,6 +51,11 @@ class ExchangeConfig:
     weight_limit: int = 6000  # REQUEST_WEIGHT per minute (docs/binance.md §5)
     ban_after_strikes: int = 3  # requests ignoring Retry-After before a 418
     ban_s: int = 120  # first ban: 2 minutes
+    # Order books: levels per side at start, steps kept for book_at() and slow readers, and
+    # --depth-max: diff streams send one event per book step as fast as the client reads.
+    book_levels: int = DEFAULT_LEVELS
+    book_history: int = DEFAULT_HISTORY
+    depth_max: bool = False
     faults: Faults = attrs.field(factory=Faults)
 
     def __attrs_post_init__(self) -> None:
@@ -67,18 +73,28 @@ class ExchangeState:
         self.market = Market(
             config.symbols, seed=config.seed, retention=config.retention, clock_us=self.clock.now_us
         )
+        self.books = Books(
+            config.symbols,
+            seed=config.seed,
+            clock_us=self.clock.now_us,
+            levels=config.book_levels,
+            history=config.book_history,
+        )
         self.faults = config.faults
         self.counters = FaultCounters()
         self.ledger = Ledger()
         self.connections: set[WsConnection] = set()
         self.connections_total = 0
+        self.depth_drop_epoch = 0
         self.fired: set[str] = set()  # one-shot faults already injected ("drop", "stall", ...)
         self._windows: dict[tuple[str, str], RollingWindow] = {}
 
     def set_faults(self, changes: Mapping[str, Any]) -> Faults:
         self.faults = apply_changes(self.faults, changes, trio.current_time())
         # Re-arming a one-shot switch lets it fire again.
-        for key in ("drop", "stall", "shutdown"):
+        if "depth_drop_after" in changes:
+            self.depth_drop_epoch += 1  # connections count diff events afresh
+        for key in ("drop", "stall", "shutdown", "depth_drop"):
             if f"{key}_after" in changes:
                 self.fired.discard(key)
         for conn in self.connections:

@@ -1,8 +1,8 @@
 """Stream names the fake exchange understands (Binance's grammar, docs/binance.md §1, §4).
 
 Receives names from URLs (percent-decoded here) and SUBSCRIBE params; emits `Sub`s saying what
-to send. Streams Binance has but the simulator does not produce (depth, referencePrice,
-blockTrade, !ticker_<w>@arr) are accepted and stay silent, like a symbol with no trades.
+to send. Streams Binance has but the simulator does not produce (referencePrice, blockTrade,
+!ticker_<w>@arr) are accepted and stay silent, like a symbol with no trades.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class Kind(enum.Enum):
     ALL_MINI_TICKERS = "!miniTicker@arr"
     ROLLING_TICKER = "rollingTicker"
     AVG_PRICE = "avgPrice"
+    DEPTH = "depth"  # diff events
+    DEPTH_PARTIAL = "depthPartial"  # top 5/10/20 levels
     SILENT = "silent"
 
 
@@ -41,6 +43,8 @@ class Sub:
     interval: str | None = None
     tz_us: int = 0
     window: str | None = None
+    levels: int | None = None  # partial depth: 5, 10 or 20
+    period_ms: int = 1000  # depth streams: 1000 or 100 (`@100ms`)
 
 
 class BadStream(ValueError):
@@ -73,8 +77,12 @@ def parse(name: str) -> Sub:
     symbol = sym.upper()
     if rest in _SIMPLE:
         return Sub(name, _SIMPLE[rest], symbol)
-    if _DEPTH.fullmatch(rest):
-        return Sub(name, Kind.SILENT, symbol)
+    depth = _DEPTH.fullmatch(rest)
+    if depth:
+        levels = int(depth.group(1)) if depth.group(1) else None
+        period = 100 if depth.group(2) == "@100ms" else 1000
+        kind = Kind.DEPTH if levels is None else Kind.DEPTH_PARTIAL
+        return Sub(name, kind, symbol, levels=levels, period_ms=period)
     if rest.startswith("kline_"):
         interval, _, tz = rest.removeprefix("kline_").partition("@")
         if interval not in KLINE_INTERVALS or (tz and tz != "+08:00"):

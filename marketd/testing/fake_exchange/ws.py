@@ -21,6 +21,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 from marketd.logs import Throttle, get_logger
 from marketd.testing.fake_exchange import control
+from marketd.testing.fake_exchange.book import BookSim, Step, merge_steps
 from marketd.testing.fake_exchange.faults import MalformedPicker, malformed_payload
 from marketd.testing.fake_exchange.frames import (
     OP_PING,
@@ -29,6 +30,8 @@ from marketd.testing.fake_exchange.frames import (
     TickerFigures,
     avg_price_payload,
     close_frame,
+    depth_book_dict,
+    depth_diff_payload,
     kline_payload,
     mini_ticker_dict,
     rolling_ticker_payload,
@@ -121,6 +124,9 @@ class WsConnection:
         self._klines: dict[str, _KlineState] = {}
         self._due: dict[str, int] = {}  # periodic stream -> next emission (sim µs)
         self._mini_seen: dict[str, int] = {}
+        self._depth_cursor: dict[str, int] = {}  # diff stream -> last update id sent
+        self._depth_sent: dict[str, int] = {}  # diff stream -> events since the drop fault armed
+        self._depth_epoch = state.depth_drop_epoch
         self.frames_sent = 0
         self.opened_us = state.clock.now_us()
         self._fired: set[str] = set()
@@ -187,6 +193,9 @@ class WsConnection:
         for name in list(self._due):
             if name not in self.subs:
                 del self._due[name]
+        for name in list(self._depth_cursor):
+            if name not in self.subs:
+                del self._depth_cursor[name]
         self.poke()
 
     # ---- lifecycle ----
@@ -203,6 +212,7 @@ class WsConnection:
                 nursery.start_soon(self._guard, self._sender)
                 nursery.start_soon(self._guard, self._periodic)
                 nursery.start_soon(self._guard, self._lifetime)
+                nursery.start_soon(self._guard, self._depth_fast)
         finally:
             state.connections.discard(self)
             with trio.CancelScope(shield=True):
@@ -565,6 +575,8 @@ class WsConnection:
             return []
         if sub.kind is Kind.KLINE:
             return self._kline_frames(sub, now)
+        if sub.kind is Kind.DEPTH or sub.kind is Kind.DEPTH_PARTIAL:
+            return self._depth_frames(sub, now)
         due = self._due.get(sub.name)
         if due is None:
             due = now  # first emission right away, then every second
@@ -670,6 +682,107 @@ class WsConnection:
             sub.symbol, sub.interval, st.start, st.end, st.acc, closed, now, self.div
         )
         return self._frame(sub.name, payload, "kline_final" if closed else "kline", sub.symbol)
+
+    # ---- depth: diff events and partial books (docs/books.md) ----
+
+    def _depth_frames(self, sub: Sub, now: int) -> list[bytes]:
+        """Paced depth streams: every 1000 or 100 ms, one diff event with the book steps since
+        the last one (none when nothing changed), or the top 5/10/20 levels."""
+        assert sub.symbol is not None
+        sim = self.state.books.get(sub.symbol)
+        if sim is None or (sub.kind is Kind.DEPTH and self.state.config.depth_max):
+            return []  # no book (not trading), or sent by _depth_fast
+        due = self._due.get(sub.name, now)
+        if now < due:
+            return []
+        self._due[sub.name] = max(due + sub.period_ms * 1000, now + 1000)
+        sim.advance_to(now)
+        if sub.kind is Kind.DEPTH_PARTIAL:
+            assert sub.levels is not None
+            bids, asks = sim.top(sub.levels)
+            payload = orjson.dumps(depth_book_dict(sim.last_id, bids, asks))
+            return [self._frame(sub.name, payload, "depthPartial", sub.symbol)]
+        steps = self._depth_steps(sub, sim)
+        frame = self._diff_frame(sub, sim, steps, now) if steps else None
+        return [frame] if frame is not None else []
+
+    def _depth_steps(self, sub: Sub, sim: BookSim) -> list[Step]:
+        """Book steps this diff stream has not sent yet (a new stream starts from now)."""
+        cursor = self._depth_cursor.get(sub.name)
+        if cursor is None:
+            self._depth_cursor[sub.name] = sim.last_id
+            return []
+        if cursor < sim.first_known_id:
+            self.state.counters["slow_consumer_close"] += 1
+            raise _End(1008, "client too slow: depth updates left the history")
+        return sim.steps_after(cursor)
+
+    def _diff_frame(self, sub: Sub, sim: BookSim, steps: list[Step], now: int) -> bytes | None:
+        """One diff event over `steps`, or None when the depth drop fault withholds it."""
+        first, last = steps[0].first_id, steps[-1].last_id
+        self._depth_cursor[sub.name] = last
+        symbol = sim.spec.symbol
+        if self._withhold(sub.name):
+            sim.withheld.append((first, last))
+            self.state.counters["depth_drop"] += 1
+            return None
+        bids, asks = merge_steps(steps)
+        payload = depth_diff_payload(symbol, first, last, bids, asks, now, self.div)
+        return self._frame(sub.name, payload, "depth", symbol)
+
+    def _withhold(self, name: str) -> bool:
+        state = self.state
+        f = state.faults
+        if f.depth_drop_after is None:
+            return False
+        if self._depth_epoch != state.depth_drop_epoch:  # re-armed: count afresh
+            self._depth_epoch = state.depth_drop_epoch
+            self._depth_sent.clear()
+        sent = self._depth_sent.get(name, 0)
+        if sent < f.depth_drop_after:
+            self._depth_sent[name] = sent + 1
+            return False
+        if not f.depth_drop_repeat and "depth_drop" in state.fired:
+            return False
+        state.fired.add("depth_drop")
+        self._depth_sent[name] = 0
+        return True
+
+    async def _depth_fast(self) -> None:
+        """--depth-max: diff streams get one event per book step, as fast as the client reads
+        (the book steps are made here, for the symbols this connection follows)."""
+        state = self.state
+        if not state.config.depth_max:
+            await trio.sleep_forever()
+        clock = state.clock
+        while True:
+            await self._wait_unpaused()
+            subs = [s for s in self.subs.values() if s.kind is Kind.DEPTH]
+            frames: list[bytes] = []
+            if subs:
+                per = max(1, self._budget(state.config.chunk_frames) // len(subs))
+                now = clock.now_us()
+                for sub in subs:
+                    assert sub.symbol is not None
+                    sim = state.books.get(sub.symbol)
+                    if sim is None:
+                        continue
+                    steps = self._depth_steps(sub, sim)
+                    if not steps:
+                        sim.generate(per, now)
+                        steps = self._depth_steps(sub, sim)
+                    for step in steps[:per]:
+                        frame = self._diff_frame(sub, sim, [step], now)
+                        if frame is not None:
+                            frames.append(frame)
+            if not frames:
+                with trio.move_on_after(PAUSE_POLL_S):
+                    await trio.sleep_forever()
+                continue
+            await self._send(b"".join(frames))
+            self.frames_sent += len(frames)
+            state.ledger.frames_total += len(frames)
+            self._after_frames()
 
     # ---- lifetime: 24 h mark and serverShutdown ----
 
