@@ -280,25 +280,38 @@ def _check_streams(value: Any) -> Any:
     return value
 
 
+def _url_parts(value: str, allowed: str) -> Any:
+    """urlsplit, with a bad port (`:99999`, `:x`) refused here rather than by a client later."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- parses (and range-checks) the port
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {allowed}") from None
+    return parts
+
+
 def _check_ws_url(value: Any) -> Any:
-    parts = urlsplit(value)
-    if parts.scheme not in ("ws", "wss") or not parts.netloc:
-        raise ValueError("must be a ws:// or wss:// URL, e.g. wss://stream.binance.com:9443/stream")
+    allowed = "must be a ws:// or wss:// URL, e.g. wss://stream.binance.com:9443/stream"
+    parts = _url_parts(value, allowed)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(allowed)
     return value
 
 
 def _check_http_url(value: Any) -> Any:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http:// or https:// URL")
+    allowed = "must be an http:// or https:// URL"
+    parts = _url_parts(value, allowed)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(allowed)
     return value
 
 
 def _check_redis_url(value: Any) -> Any:
     if value == "embedded":
         return value
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must be 'embedded' or a redis://, rediss:// or unix:// URL")
+    allowed = "must be 'embedded' or a redis://, rediss:// or unix:// URL"
+    if _url_parts(value, allowed).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(allowed)
     return value
 
 

@@ -122,6 +122,7 @@ ENVS: list[tuple[dict[str, str], tuple[str, ...]]] = [
     ),
     ({"BINANCE_STREAMS": "BTCUSDT@trade"}, ("binance.streams", "lower-case")),
     ({"API_PORT": "0"}, ("api.port", "env API_PORT", ">= 1 and <= 65535")),
+    ({"REDIS_URL": "redis://localhost:99999/0"}, ("redis.url", "env REDIS_URL", "Port out of")),
     ({"API_HOST": "not a host"}, ("api.host", "env API_HOST", "host name or an IP address")),
     (
         {"API_HOST": "no-such-host.invalid"},
