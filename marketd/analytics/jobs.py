@@ -92,6 +92,10 @@ def launches(
         "TOPIC_RAW_KLINES": cfg.topics.raw_klines,
         "PYSPARK_PYTHON": base_env.get("PYSPARK_PYTHON", python),
         "SPARK_LOCAL_IP": base_env.get("SPARK_LOCAL_IP", "127.0.0.1"),
+        # No console progress bar: the job's log is what spark.job_exited quotes.
+        "PYSPARK_SUBMIT_ARGS": base_env.get(
+            "PYSPARK_SUBMIT_ARGS", "--conf spark.ui.showConsoleProgress=false pyspark-shell"
+        ),
     }
     # The consumer's client properties (security.protocol, sasl.*) reach the Python source as
     # KAFKA_OPTION_<KEY> (spark/marketd_spark/cli.py); the embedded cluster needs none.

@@ -53,6 +53,7 @@ def test_each_job_reads_kafka_and_writes_every_store_with_secrets_in_the_environ
         assert p.env["KAFKA_BOOTSTRAP_SERVERS"] == "127.0.0.1:9092"
         assert p.env["KAFKA_OPTION_SASL_PASSWORD"] == "s3cret"
         assert p.env["TOPIC_RAW_TRADES"] == "raw_trades" and p.env["PATH"] == "/bin"
+        assert "spark.ui.showConsoleProgress=false" in p.env["PYSPARK_SUBMIT_ARGS"]
     assert plan[2].argv[-2:] == ("--whale-quote-abs", "1000")
 
 
