@@ -80,7 +80,7 @@ def start_api(
     proc = subprocess.Popen(
         [*shlex.split(args.marketd), "run", "--components", "api"], env=env, cwd=tmp
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # a loaded machine starts Python slowly
     while True:
         if proc.poll() is not None:
             raise SystemExit(f"API exited with {proc.returncode}")
