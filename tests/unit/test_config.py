@@ -297,3 +297,22 @@ def test_embedded_kafka_is_recognised_the_same_everywhere(value: str, embedded: 
     from marketd.kafka.client import is_embedded
 
     assert is_embedded(value) is embedded
+
+
+def test_per_field_converters_and_table_merging(tmp_path: Path) -> None:
+    loaded = load(
+        tmp_path,
+        '[kafka]\nacks = 1\n[binance.silence_timeout_s]\nkline = 5\n[routes]\naggTrade = "aggs"\n'
+        '[kafka.producer]\n"linger.ms" = 5\n',
+        env={"TICKER_SYMBOLS": " btcusdt, ethusdt ,"},
+        overrides={"kafka.producer": Value({"acks": "all"}, "test")},
+    )
+    cfg = loaded.config
+    assert cfg.kafka.acks == "1"  # a TOML integer, declared convertible on the field
+    assert cfg.tickers.symbols == ("BTCUSDT", "ETHUSDT")  # upper-cased by its converter
+    # silence_timeout_s merges over its default; passthrough tables over earlier layers only.
+    assert (
+        cfg.binance.silence_timeout_s["kline"] == 5 and cfg.binance.silence_timeout_s["trade"] == 0
+    )
+    assert cfg.routes == {"aggTrade": "aggs"} and cfg.route_for("bookTicker") == "raw_book_tickers"
+    assert cfg.kafka.producer == {"linger.ms": "5", "acks": "all"}
