@@ -188,9 +188,12 @@ class BookSync:
         self.max_buffered = max_buffered
         self.audit_max_events = audit_max_events
         # A truncated side with fewer known levels than this triggers a resync (SHALLOW).
-        self.min_known_levels = (
-            min(snapshot_depth, snapshot_limit) if min_known_levels is None else min_known_levels
-        )
+        # (Never above max_levels: a side cut at max_levels would then always be "shallow".)
+        if min_known_levels is None:
+            min_known_levels = min(snapshot_depth, snapshot_limit, max_levels)
+        if not 0 <= min_known_levels <= max_levels:
+            raise ValueError(f"min_known_levels must be within 0..max_levels ({max_levels})")
+        self.min_known_levels = min_known_levels
         self.book = OrderBook(max_levels=max_levels)
         self.phase = Phase.WAITING
         self.reason: ResyncReason | None = ResyncReason.START

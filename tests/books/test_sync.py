@@ -290,3 +290,13 @@ def test_applied_carries_the_update() -> None:
     s = synced()
     update = diff(11, 11, asks=[("103", "1")])
     assert s.on_diff(update, 0.0) == [Applied(symbol=SYM, update=update)]
+
+
+def test_a_side_cut_at_max_levels_is_not_shallow_by_default() -> None:
+    s = BookSync(SYM, max_levels=2, snapshot_depth=20)
+    assert s.min_known_levels == 2
+    s.on_diff(diff(1, 1), 0.0)
+    s.on_snapshot(snap(1, bids=[("3", "1"), ("2", "1"), ("1", "1")], asks=[("4", "1")]), 0.0)
+    assert s.in_sync and s.book.bids.horizon is not None
+    with pytest.raises(ValueError, match="min_known_levels"):
+        BookSync(SYM, max_levels=2, min_known_levels=3)
