@@ -65,6 +65,7 @@ class KafkaCheck:
         self.bootstrap = bootstrap
         self.spooling = spooling
         self.problem: str | None = None
+        self._answered_at: float | None = None  # trio time of the last answered probe
 
     async def check(self) -> str | None:
         sink = self.sink
@@ -72,9 +73,15 @@ class KafkaCheck:
         if age is not None and age < ACK_FRESH_S:
             self.problem = None
             return None
+        # An idle producer (nothing to acknowledge) is asked at most every ACK_FRESH_S.
+        now = trio.current_time()
+        if self._answered_at is not None and now - self._answered_at < ACK_FRESH_S:
+            return None
         if await sink.probe(PROBE_TIMEOUT_S):
+            self._answered_at = trio.current_time()
             self.problem = None
             return None
+        self._answered_at = None
         why = sink.last_error or f"no metadata answer in {PROBE_TIMEOUT_S:g}s"
         where = "accepted records go to the disk spool" if self.spooling else "records wait"
         self.problem = f"kafka unreachable at {self.bootstrap}: {why}; {where}"

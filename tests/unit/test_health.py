@@ -8,13 +8,14 @@ import math
 import pytest
 import redis
 import trio
+import trio.testing
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
 from marketd.config import load_config
 from marketd.errors import StoreUnavailable
 from marketd.health import Health, address, error_text
 from marketd.ingest.source import ConnectionState, _connection_lost
-from marketd.ingest.watch import assess_links
+from marketd.ingest.watch import KafkaCheck, assess_links
 from marketd.metrics import MetricsFactory
 from marketd.runtime import Runtime
 
@@ -156,3 +157,44 @@ def test_close_names_code_and_reason() -> None:
 
 def test_connect_timeout() -> None:
     assert _connection_lost(trio.TooSlowError(), None).reason == "connect_timeout"
+
+
+class _Sink:
+    """What KafkaCheck reads of the producer: ack age, a metadata probe, the last error."""
+
+    def __init__(self) -> None:
+        self.age: float | None = None
+        self.answers = True
+        self.probes = 0
+        self.last_error: str | None = None
+
+    def ack_age_s(self) -> float | None:
+        return self.age
+
+    async def probe(self, timeout_s: float) -> bool:
+        self.probes += 1
+        if not self.answers:
+            await trio.sleep(timeout_s)
+        return self.answers
+
+
+async def test_kafka_check_trusts_acks_and_asks_a_broker_when_none_came(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sink = _Sink()
+    check = KafkaCheck(sink, "k1:9092", spooling=True)  # type: ignore[arg-type]
+    sink.age = 0.5
+    assert await check.check() is None and sink.probes == 0  # fresh acks: no request
+    sink.age = None
+    assert await check.check() is None and sink.probes == 1
+    assert await check.check() is None and sink.probes == 1  # idle: asked at most every 3 s
+    await trio.sleep(3)
+    sink.answers = False
+    sink.last_error = "Connect to ipv4#127.0.0.1:9092 failed: Connection refused"
+    problem = await check.check()
+    assert problem == (
+        "kafka unreachable at k1:9092: Connect to ipv4#127.0.0.1:9092 failed: Connection "
+        "refused; accepted records go to the disk spool"
+    )
+    sink.answers = True
+    assert await check.check() is None
