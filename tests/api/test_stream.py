@@ -261,6 +261,20 @@ async def test_stream_cap_answers_503(redis_server: RedisProcess) -> None:
 
 
 @pytest.mark.redis
+async def test_a_client_that_disconnects_leaves_the_hub(redis_server: RedisProcess) -> None:
+    rt = make_rt(redis_server)
+    with trio.fail_after(30):
+        async with bare_stream_app(rt, StreamLimits()) as (hub, _client, port):
+            async with sse(port, "/api/v1/stream/tickers") as stream:
+                await stream.next()
+                assert len(hub.clients) == 1
+            # The socket closed: Hypercorn reports http.disconnect and the stream's task ends.
+            while hub.clients:
+                await trio.sleep(0.01)
+            assert hub.metrics.clients.labels("tickers")._value.get() == 0
+
+
+@pytest.mark.redis
 async def test_keep_alive_comments_while_nothing_changes(redis_server: RedisProcess) -> None:
     rt = make_rt(redis_server)
     with trio.fail_after(30):
