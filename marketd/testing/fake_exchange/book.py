@@ -12,6 +12,7 @@ Prices and quantities are integers in units of 1e-8, like the trade tape.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +27,8 @@ DEFAULT_LEVELS = 200  # levels per side at start
 DEFAULT_HISTORY = 4096  # steps kept per symbol
 
 BID, ASK = 0, 1
+# Distances from the mid in ticks, by an 8-bit draw: exponential with a mean of 12 ticks.
+_FAR = tuple(int(-12 * math.log(1 - (i + 0.5) / 256)) for i in range(256))
 
 # One change: (side, price_e8, new_qty_e8, old_qty_e8); a qty of 0 = no level.
 Change = tuple[int, int, int, int]
@@ -113,28 +116,39 @@ class BookSim:
             changes.append((side, price, qty, old))
 
         move = rng.choice((-1, 0, 0, 1))
-        if self.mid_t + move - self.band > 1:
-            self.mid_t += move
+        if self.mid_t + move - self.band <= 1:
+            move = 0
+        self.mid_t += move
         mid = self.mid_t * tick
-        # Levels the mid moved onto are gone (traded or cancelled): the book never crosses.
-        for price in [p for p in bids if p >= mid]:
-            put(BID, price, 0)
-        for price in [p for p in asks if p <= mid]:
-            put(ASK, price, 0)
+        # The level the mid moved onto is gone (traded or cancelled): bids stay below the mid
+        # and asks above it, so the book never crosses.
+        if move > 0 and mid in asks:
+            put(ASK, mid, 0)
+        elif move < 0 and mid in bids:
+            put(BID, mid, 0)
         target = rng.randint(MIN_CHANGES, MAX_CHANGES)
+        # One 48-bit draw per change (random.getrandbits is the cheapest call): bit 0 the side,
+        # 8 bits the distance from the mid (a table, mostly near the top), 8 bits whether an
+        # existing level goes, the rest the quantity in lots.
+        draw = rng.getrandbits
+        band = self.band
+        mid_t = self.mid_t
+        lots = max(2, self.spec.max_lots)
+        lot = self.spec.lot_e8
         attempts = 0
         while len(changes) < target and attempts < 10 * MAX_CHANGES:
             attempts += 1
-            side = BID if rng.random() < 0.5 else ASK
+            r = draw(48)
+            side = r & 1
             book = bids if side == BID else asks
-            far = 1 + min(self.band, int(rng.expovariate(1 / 12)))
-            price = (self.mid_t - far if side == BID else self.mid_t + far) * tick
-            if (side, price) in touched or price <= 0:
+            far = 1 + min(band, _FAR[(r >> 1) & 255])
+            price = (mid_t - far if side == BID else mid_t + far) * tick
+            if price <= 0 or (side, price) in touched:
                 continue
-            if price in book and rng.random() < 0.35:
+            if price in book and (r >> 9) & 255 < 90:  # about 35 %
                 put(side, price, 0)
             else:
-                put(side, price, self._qty())
+                put(side, price, lot * ((r >> 17) % lots + 1))
         # Keep the book within its band: drop the farthest level of a side that grew too deep.
         for side, book in ((BID, bids), (ASK, asks)):
             if len(book) > self.band:

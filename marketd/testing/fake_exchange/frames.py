@@ -9,6 +9,7 @@ per-message cost.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import orjson
@@ -321,8 +322,11 @@ def avg_price_payload(
 # ---- Depth: diff events, partial books, REST snapshots (levels as (price_e8, qty_e8)) ----
 
 
+_price8 = functools.lru_cache(maxsize=1 << 16)(fmt8)  # book prices repeat near the mid
+
+
 def _levels(levels: list[tuple[int, int]]) -> list[list[str]]:
-    return [[fmt8(p), fmt8(q)] for p, q in levels]
+    return [[_price8(p), fmt8(q)] for p, q in levels]
 
 
 def depth_diff_payload(
