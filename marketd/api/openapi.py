@@ -248,11 +248,16 @@ SCHEMAS["StreamStatus"] = {
 }
 SCHEMAS["HealthState"] = {
     "type": "object",
-    "required": ["components", "stream"],
+    "required": ["components", "dependencies", "stream"],
     "properties": {
         "components": {
             "type": "object",
             "description": "component name -> its health record (healthy, reason, since, ...)",
+            "additionalProperties": {"type": "object"},
+        },
+        "dependencies": {
+            "type": "object",
+            "description": "dependency name -> {up, reason, since}",
             "additionalProperties": {"type": "object"},
         },
         "stream": {

@@ -602,8 +602,8 @@ class StreamApp:
 def health_state(rt: Runtime, hub: TickerHub | None) -> dict[str, Any]:
     """Every component's health record as JSON, plus the push stream's own view of Redis.
 
-    The records are dumped field by field (attrs), so whatever the health record carries
-    (healthy, reason/detail, since) reaches the page without this module naming each field.
+    Each record's own `view()` (what /readyz shows: healthy, reason, since), so the page and
+    /readyz agree; the dependencies (Redis, Kafka, Binance, ...) with their reachability.
     """
     enabled = rt.config.components.enabled()
     components: dict[str, Any] = {}
@@ -611,10 +611,15 @@ def health_state(rt: Runtime, hub: TickerHub | None) -> dict[str, Any]:
         record = rt.health.components.get(name)
         if record is None:
             components[name] = {"started": False, "healthy": False, "detail": "not started"}
+        elif hasattr(record, "view"):
+            components[name] = record.view()
         elif attrs.has(type(record)):
             components[name] = attrs.asdict(record)
         else:
             components[name] = {"healthy": bool(getattr(record, "healthy", False))}
+    dependencies: dict[str, Any] = {}
+    for name, state in sorted(getattr(rt.health, "dependencies", {}).items()):
+        dependencies[name] = state.view() if hasattr(state, "view") else attrs.asdict(state)
     push: dict[str, Any] = {"redis": False, "detail": "no Redis configured", "clients": 0}
     if hub is not None:
         push = {
@@ -623,7 +628,7 @@ def health_state(rt: Runtime, hub: TickerHub | None) -> dict[str, Any]:
             "since_ms": hub.since_ms,
             "clients": len(hub.clients),
         }
-    return {"components": components, "stream": push}
+    return {"components": components, "dependencies": dependencies, "stream": push}
 
 
 def mount(app: QuartTrio, rt: Runtime, tracked: tuple[str, ...]) -> StreamApp:

@@ -321,6 +321,18 @@ function onHealth(body) {
     li.appendChild(el("span", "since", record.extra ? record.extra : sinceText(since)));
     list.appendChild(li);
   }
+  for (const [name, dep] of Object.entries(body.dependencies || {})) {
+    const li = el("li", "dep");
+    li.dataset.dependency = name;
+    li.dataset.healthy = String(dep.up === true);
+    li.appendChild(el("span", "dot"));
+    li.appendChild(el("span", "name", name));
+    const reason = el("span", "reason", dep.reason || (dep.up ? "reachable" : "unreachable"));
+    reason.title = reason.textContent;
+    li.appendChild(reason);
+    li.appendChild(el("span", "since", dep.since ? sinceText(Date.parse(dep.since)) : ""));
+    list.appendChild(li);
+  }
   document.getElementById("health-note").textContent = bad ? bad + " unhealthy" : "all healthy";
 }
 
