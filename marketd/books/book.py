@@ -28,6 +28,7 @@ class BookSide:
     """
 
     __slots__ = (
+        "_keys",
         "_levels",
         "_prices",
         "dropped",
@@ -44,6 +45,7 @@ class BookSide:
         self.max_levels = max_levels
         self._levels: dict[Decimal, Level] = {}
         self._prices: list[Decimal] = []
+        self._keys: dict[str, Decimal] = {}  # price spelling -> Decimal, a parse cache
         # The nearest price whose level is unknown (None: the whole side is known). Levels at it
         # are known when `horizon_inclusive` (the last level of a truncated snapshot).
         self.horizon: Decimal | None = None
@@ -98,9 +100,16 @@ class BookSide:
 
     def set(self, price: str, qty: str) -> None:
         """Apply one level of a diff: quantity "0" removes it, anything else sets it."""
-        key = Decimal(price)
+        keys = self._keys
+        key = keys.get(price)
+        if key is None:
+            # Parsing is the dearest step of an update and the same few hundred prices near the
+            # top come back all the time: remember each spelling's Decimal (bounded).
+            if len(keys) >= 4 * self.max_levels + 1024:
+                keys.clear()
+            key = keys[price] = Decimal(price)
         levels = self._levels
-        if is_zero(qty):
+        if not qty.strip("0."):  # is_zero, inlined: this runs for every level of every diff
             if levels.pop(key, None) is not None:
                 prices = self._prices
                 del prices[bisect_left(prices, key)]
