@@ -2,7 +2,10 @@
 
 Binds API_HOST:API_PORT, calls started() once listening (logs `api.listening`), and shuts down
 gracefully when `rt.draining` is set: Hypercorn stops accepting, lets in-flight requests finish
-(bounded by GRACEFUL_TIMEOUT_S), then the app's lifespan stops its Redis reader.
+(bounded by GRACEFUL_TIMEOUT_S), then the app's lifespan stops its Redis reader. An address it
+cannot listen on is an ApiBindError (a one-line configuration error, exit 2). Connections close
+as HTTP says they should (HTTP/1.0, `Connection: close`, KEEP_ALIVE_S idle): see
+CloseAfterResponse for the Quart-Trio/Hypercorn interaction that prevented it.
 """
 
 from __future__ import annotations
