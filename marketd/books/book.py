@@ -105,7 +105,7 @@ class BookSide:
         if key is None:
             # Parsing is the dearest step of an update and the same few hundred prices near the
             # top come back all the time: remember each spelling's Decimal (bounded).
-            if len(keys) >= 4 * self.max_levels + 1024:
+            if len(keys) >= self.max_levels + 1024:
                 keys.clear()
             key = keys[price] = Decimal(price)
         levels = self._levels
