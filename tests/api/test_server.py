@@ -60,3 +60,29 @@ async def test_a_port_in_use_is_a_config_error_naming_api_port(redis_server: Red
             await run_api(rt)
     assert info.value.key == "api.port" and "already in use" in info.value.problem
     assert not rt.health.components["api"].healthy
+
+
+async def test_the_daemon_exits_2_when_the_api_cannot_bind() -> None:
+    """Without the CLI's probe (or if the port is taken after it): still exit 2, not 1."""
+    import socket
+
+    from marketd.config import Value, load_config
+    from marketd.daemon import EXIT_CONFIG, run_daemon
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        overrides = {
+            "supervisor.max_failures": Value("1", "test"),
+            "supervisor.backoff_initial_s": Value("0.01", "test"),
+            "supervisor.backoff_max_s": Value("0.01", "test"),
+        }
+        env = {
+            "API_PORT": str(port),
+            "MARKETD_COMPONENTS": "api",
+            "REDIS_URL": "redis://127.0.0.1:1",
+        }
+        cfg = load_config(environ=env, dotenv=None, overrides=overrides).config
+        with trio.fail_after(30):
+            assert await run_daemon(cfg) == EXIT_CONFIG
