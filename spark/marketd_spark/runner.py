@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
@@ -84,7 +85,10 @@ def wait(query: StreamingQuery, processor: Processor) -> int:
     try:
         # Short waits so the signal handler runs; query.stop() must come from this thread.
         while query.isActive and not stopping:
-            query.awaitTermination(1)
+            try:
+                query.awaitTermination(1)
+            except StreamingQueryException:
+                break  # reported below from query.exception(), as job.failed
         if stopping:
             query.stop()
         exc = query.exception()

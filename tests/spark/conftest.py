@@ -123,18 +123,20 @@ def kline(
 def run_once(spark: SparkSession, module: Any, argv: list[str]) -> Any:
     """Run a job's streaming query to completion (--once) in this process; return its processor."""
     from marketd_spark.runner import start
+    from pyspark.errors import StreamingQueryException
 
     args = module.parse_args([*argv, "--once"])
-    for attempt in range(3):
+    for attempt in range(5):
         values, processor = module.build(spark, args)
         query = start(spark, args, values, processor)
         try:
-            query.awaitTermination(300)
+            with contextlib.suppress(StreamingQueryException):  # checked just below
+                query.awaitTermination(300)
             assert not query.isActive, "the --once query did not finish within 300 s"
             exc = query.exception()
             # A Python data source's planner gets a fixed 10 s to connect back to the JVM; on a
             # loaded host it can miss that. The jobs retry this too (jobs/common.py).
-            if exc is not None and "failed to connect back" in str(exc) and attempt < 2:
+            if exc is not None and "failed to connect back" in str(exc) and attempt < 4:
                 continue
             assert exc is None, str(exc)
         finally:

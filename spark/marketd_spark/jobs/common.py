@@ -96,7 +96,7 @@ def run_main(
     return code
 
 
-START_ATTEMPTS = 3
+START_ATTEMPTS = 5
 
 
 def _worker_start_timeout(query: Any) -> bool:
