@@ -5,11 +5,20 @@ from pathlib import Path
 import pytest
 
 from marketd.cli import main
-from marketd.config import DEFAULT_TICKER_SYMBOLS, Value, env_names, load_config, render_config
+from marketd.config import (
+    DEFAULT_TICKER_SYMBOLS,
+    LoadedConfig,
+    Value,
+    env_names,
+    load_config,
+    render_config,
+)
 from marketd.errors import ConfigError
 
 
-def load(tmp_path: Path, toml: str | None = None, env: dict[str, str] | None = None, **kw: object):
+def load(
+    tmp_path: Path, toml: str | None = None, env: dict[str, str] | None = None, **kw: object
+) -> LoadedConfig:
     path = None
     if toml is not None:
         path = tmp_path / "marketd.toml"
