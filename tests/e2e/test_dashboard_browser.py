@@ -203,7 +203,7 @@ def test_dashboard_live_market_health_and_reconnect(
                 page.wait_for_function(
                     "([sel, t]) => Number(document.querySelector(sel).dataset.eventTime) > t",
                     arg=['#tickers tbody tr[data-symbol="BTCUSDT"]', stopped_at_ms],
-                    timeout=30_000,
+                    timeout=90_000,  # the new daemon joins the consumer group first
                 )
                 assert int(row.get_attribute("data-event-time") or 0) > stopped_at_ms
                 shot(page, tmp_path, "dashboard-reconnected")
