@@ -20,7 +20,7 @@ import trio
 
 from marketd.backoff import Backoff
 from marketd.config import SupervisorConfig
-from marketd.errors import FatalComponentError, TransientError
+from marketd.errors import ConfigError, FatalComponentError, TransientError
 from marketd.health import error_text
 from marketd.logs import get_logger
 from marketd.runtime import Runtime
@@ -64,6 +64,11 @@ async def supervise(
             if rt.draining.is_set():
                 rt.health.set(name, healthy=False, reason=f"failed: {_describe(exc)}"[:300])
                 log.error("component.failed_during_drain", component=name, exc_info=exc)
+                raise
+            if _configuration(exc):
+                # A restart cannot fix a configuration problem (e.g. api.port taken after the
+                # CLI's probe): exit 2 with its one line now, not after max_failures tracebacks.
+                rt.health.set(name, healthy=False, reason=f"failed: {_describe(exc)}"[:300])
                 raise
             if _transient(exc):
                 if now - run_started > policy.failure_window_s:
@@ -123,6 +128,10 @@ def _transient(exc: BaseException) -> bool:
     """Only unreachable outside services (every leaf of a group a TransientError)."""
     leaves = _leaves(exc)
     return bool(leaves) and all(isinstance(e, TransientError) for e in leaves)
+
+
+def _configuration(exc: BaseException) -> bool:
+    return any(isinstance(e, ConfigError) for e in _leaves(exc))
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,12 @@ import trio
 import trio.testing
 
 from marketd.config import SupervisorConfig, load_config
-from marketd.errors import FatalComponentError, KafkaUnavailable, StoreUnavailable
+from marketd.errors import (
+    ApiBindError,
+    FatalComponentError,
+    KafkaUnavailable,
+    StoreUnavailable,
+)
 from marketd.metrics import MetricsFactory
 from marketd.runtime import Runtime
 from marketd.supervise import supervise
@@ -52,6 +57,24 @@ async def test_component_that_keeps_failing_takes_the_process_down(
     with pytest.raises(FatalComponentError, match="broken failed 4 times") as info:
         await supervise("broken", broken, rt, SupervisorConfig(max_failures=3, backoff_max_s=1))
     assert isinstance(info.value.__cause__, ValueError)
+
+
+async def test_configuration_error_is_not_restarted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rt = runtime()
+    runs = []
+
+    async def misconfigured(
+        rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        runs.append(1)
+        raise ApiBindError("api.port", "env API_PORT", "8000: already in use")
+
+    with pytest.raises(ApiBindError):
+        await supervise("api", misconfigured, rt, SupervisorConfig(max_failures=3))
+    assert runs == [1]
+    assert not rt.health.components["api"].healthy
 
 
 async def test_clean_return_ends_supervision(autojump_clock: trio.testing.MockClock) -> None:
