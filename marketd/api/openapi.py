@@ -68,9 +68,41 @@ SCHEMAS: Final[dict[str, Any]] = {
     },
     "Readiness": {
         "type": "object",
+        "required": ["ready", "components", "dependencies"],
         "properties": {
-            "ready": {"type": "boolean"},
-            "components": {"type": "object", "additionalProperties": {"type": "object"}},
+            "ready": {"type": "boolean", "description": "every entry started and healthy"},
+            "components": {
+                "type": "object",
+                "description": "enabled components, plus parts with a dependency of their own "
+                "(backfill: Binance REST, analytics: PostgreSQL)",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["started", "healthy", "reason"],
+                    "properties": {
+                        "started": {"type": "boolean"},
+                        "healthy": {"type": "boolean"},
+                        "reason": {
+                            "type": "string",
+                            "description": "what it does, or the dependency, its address and "
+                            "the error, with ', since HH:MM:SSZ' while unhealthy",
+                        },
+                        "since": {"type": "string", "format": "date-time"},
+                        "since_ms": {"type": "integer"},
+                    },
+                },
+            },
+            "dependencies": {
+                "type": "object",
+                "description": "redis, kafka, binance_ws, binance_rest, postgres: reachability",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "up": {"type": "boolean"},
+                        "reason": {"type": "string"},
+                        "since": {"type": "string", "format": "date-time"},
+                    },
+                },
+            },
         },
     },
     "Error": {
