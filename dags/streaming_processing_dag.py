@@ -1,4 +1,4 @@
-"""Streaming processing: submits, watches and restarts marketd's Spark jobs (SPEC §6).
+"""Streaming processing: submits, watches and restarts marketd's Spark jobs (docs/contract.md §6).
 
 Every 5 minutes, for each job (spark/trade_aggregation.py, spark/technical_indicators.py,
 spark/anomaly_detection.py): in `streaming` mode, leave a live and progressing job alone, start a

@@ -1,4 +1,6 @@
-"""Ticker monitor: every 2 minutes, Redis and Kafka health and ticker freshness (SPEC §6).
+"""Ticker monitor: every 2 minutes, Redis and Kafka health and ticker freshness.
+
+The product contract: docs/contract.md §6.
 
 The logic lives in marketd: this DAG runs the daemon's own `marketd check tickers --json`
 (executable from the Variable `marketd_bin` / env MARKETD_BIN, so this Airflow needs none of the

@@ -2,7 +2,8 @@
 
 Pure module, shared by the configuration (which validates `binance.streams` with it) and ingest.
 Receives the configured stream list, returns `StreamSpec`s, and splits them over
-connections (at most 1024 streams each, API-NOTES §2) and over ingest instances (`--shard K/N`).
+connections (at most 1024 streams each, docs/binance.md §2) and over ingest instances
+(`--shard K/N`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import attrs
 
 from marketd.errors import StreamNameError
 
-# All 16 kline intervals, case-sensitive: 1m is a minute, 1M a month (API-NOTES §4.3).
+# All 16 kline intervals, case-sensitive: 1m is a minute, 1M a month (docs/binance.md §4.3).
 KLINE_INTERVALS: tuple[str, ...] = (
     "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h",
     "1d", "3d", "1w", "1M",
@@ -92,8 +93,8 @@ _ALLOWED_HINT = (
 
 
 def _check_symbol(symbol: str, name: str) -> str:
-    # Symbols may start with digits (1000SATSUSDT) or be non-ASCII (API-NOTES §7.8), but stream
-    # names always carry them in lower case.
+    # Symbols may start with digits (1000SATSUSDT) or be non-ASCII (docs/binance.md §7.8), but
+    # stream names always carry them in lower case.
     if not symbol or any(ch.isspace() or ch in "@/!?&#%\"'" for ch in symbol):
         raise StreamNameError(f"{name!r}: bad symbol {symbol!r}")
     if symbol != symbol.lower():

@@ -32,7 +32,7 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 AGG_INTERVALS: Final = ("1m", "5m", "15m")  # trade_aggregation's windows
-# Binance kline intervals (API-NOTES): the indicators job keeps the interval of each kline.
+# Binance kline intervals (docs/binance.md): the indicators job keeps the interval of each kline.
 KLINE_INTERVALS: Final = (
     *("1s", "1m", "3m", "5m", "15m", "30m"),
     *("1h", "2h", "4h", "6h", "8h", "12h"),

@@ -123,7 +123,7 @@ _SYMBOL_PARAM = {
 OPENAPI_PATHS: Final[dict[str, Any]] = {
     "/api/v1/ticker/{symbol}": {
         "get": {
-            "summary": "One tracked ticker (SPEC §5)",
+            "summary": "One tracked ticker",
             "parameters": [_SYMBOL_PARAM],
             "responses": {
                 "200": _json("Ticker", "the stored ticker"),

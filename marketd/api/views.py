@@ -1,7 +1,9 @@
-"""Pure JSON shaping of the ticker API (SPEC §5): Redis hash fields in, response dicts out.
+"""Pure JSON shaping of the ticker API: Redis hash fields in, response dicts out.
+
+The contract is docs/contract.md §5 (responses) and §3 (the hash).
 
 No Quart, trio or Redis here. Prices stay the exact strings that were stored; counts and times
-become integers; `complete` says whether every SPEC §3 field was present and well-formed, and
+become integers; `complete` says whether every hash field was present and well-formed, and
 `age_ms` (now - event_time) lets a reader judge freshness instead of trusting a cache.
 """
 
@@ -44,7 +46,7 @@ def _int(text: str | None) -> int | None:
 
 
 def ticker_view(symbol: str, fields: Mapping[str, str], now_ms: int) -> dict[str, Any] | None:
-    """The SPEC §5 object for one stored hash; None when there is no hash (absent or expired)."""
+    """The response object for one stored hash; None when there is no hash (absent, expired)."""
     if not fields:
         return None
     out: dict[str, Any] = {"symbol": symbol}

@@ -355,7 +355,7 @@ class TradeGate(Generic[R]):
         """The backfill of from_id..to_id ended; `lost` are ranges it could not recover.
 
         Ids of the range still missing afterwards are lost too (reason "not_on_rest": Binance
-        does not promise contiguous ids, API-NOTES §7.2), so nothing is held forever.
+        does not promise contiguous ids, docs/binance.md §7.2), so nothing is held forever.
         """
         out: list[Action[R]] = []
         st = self._state.get(symbol)

@@ -1,9 +1,9 @@
-"""Binance's wire format: the one-letter keys live here and nowhere else (API-NOTES §4).
+"""Binance's wire format: the one-letter keys live here and nowhere else (docs/binance.md §4).
 
-msgspec Structs with strict types mirror each payload: JSON strings for prices, integers for ids
-and times, booleans for flags. msgspec rejects a bool where an int is expected, NaN tokens, lone
-surrogates and wrong types in C, which is both faster (PERF-NOTES §1: ~3x cattrs) and stricter
-than coercing converters. Unknown keys are ignored (Binance adds fields).
+msgspec Structs with strict types mirror each payload: JSON strings for prices, integers for ids and
+times, booleans for flags. msgspec rejects a bool where an int is expected, NaN tokens, lone
+surrogates and wrong types in C, which is both faster (docs/performance.md §1: ~3x cattrs) and
+stricter than coercing converters. Unknown keys are ignored (Binance adds fields).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Envelope(msgspec.Struct):
 
     stream: str | UnsetType = UNSET
     data: msgspec.Raw | UnsetType = UNSET
-    # Control replies {"result": ..., "id": ...} and errors (flat or nested, API-NOTES §3).
+    # Control replies {"result": ..., "id": ...} and errors (flat or nested, docs/binance.md §3).
     result: msgspec.Raw | UnsetType = UNSET
     id: Any = UNSET
     error: msgspec.Raw | UnsetType = UNSET
@@ -72,7 +72,7 @@ class KlineBody(msgspec.Struct, frozen=True):
     q: str
     V: str
     Q: str
-    B: str | UnsetType = UNSET  # "Ignore"; absent on some empty klines (API-NOTES §4.3)
+    B: str | UnsetType = UNSET  # "Ignore"; absent on some empty klines (docs/binance.md §4.3)
 
 
 class Kline(msgspec.Struct, frozen=True):

@@ -1,13 +1,13 @@
 """Redis adapter for the ticker hashes: conditional pipelined writes, pipelined reads.
 
-Receives the newest record per symbol of a batch and writes each `ticker:{SYMBOL}` hash (SPEC §3)
-through a Lua script that compares event_time atomically, so an older value never replaces a newer
-one whatever the number of consumer instances (SPEC §4 rule 2). The same script appends every
-stored update to the capped Redis stream `tickers:updates` (docs/streaming.md): its entry ids are
-what the push API sends as SSE `id:` and resumes from, and any API process reads it, so pushing
-does not depend on which process consumed. Synchronous redis-py (+hiredis):
-every call blocks and runs in a worker thread (redis.asyncio does not work under trio). Connection
-failures become StoreUnavailable; nothing is retried here, the caller owns the backoff.
+Receives the newest record per symbol of a batch and writes each `ticker:{SYMBOL}` hash
+(docs/contract.md §3) through a Lua script that compares event_time atomically, so an older value
+never replaces a newer one whatever the number of consumer instances (docs/contract.md §4 rule 2).
+The same script appends every stored update to the capped Redis stream `tickers:updates`
+(docs/streaming.md): its entry ids are what the push API sends as SSE `id:` and resumes from, and
+any API process reads it, so pushing does not depend on which process consumed. Synchronous redis-py
+(+hiredis): every call blocks and runs in a worker thread (redis.asyncio does not work under trio).
+Connection failures become StoreUnavailable; nothing is retried here, the caller owns the backoff.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ UPDATES_MAXLEN: Final = 10_000
 # KEYS[1] = ticker:{SYMBOL}, KEYS[2] = tickers:updates; ARGV[1] = event_time (ms); ARGV[2] = TTL
 # (s); ARGV[3] = stream MAXLEN; ARGV[4] = symbol; ARGV[5..] = field/value.
 # Returns {status, event_time now stored, update id}: 1 written, 0 older than stored, 2 same
-# event_time (the id is "" unless written). DEL before HSET keeps the hash to exactly the SPEC §3
-# fields even if something else wrote to the key. The XADD runs in the same script, so a reader
-# that sees the entry also sees the hash, and no stored update is ever missing from the stream.
-# Lua numbers are doubles: epoch milliseconds (< 2^53) compare exactly.
+# event_time (the id is "" unless written). DEL before HSET keeps the hash to exactly the
+# docs/contract.md §3 fields even if something else wrote to the key. The XADD runs in the same
+# script, so a reader that sees the entry also sees the hash, and no stored update is ever missing
+# from the stream. Lua numbers are doubles: epoch milliseconds (< 2^53) compare exactly.
 CONDITIONAL_WRITE: Final = """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'event_time'))
 local incoming = tonumber(ARGV[1])
@@ -81,7 +81,7 @@ class TcpAddress:
 
 @attrs.frozen
 class Update:
-    """One entry of `tickers:updates`: a stored ticker (the SPEC §3 hash fields) and its id."""
+    """One entry of `tickers:updates`: a stored ticker (its hash fields) and its id."""
 
     id: str
     symbol: str
