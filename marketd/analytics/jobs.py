@@ -2,7 +2,8 @@
 
 Receives the resolved Kafka address, PostgreSQL DSN and Redis URL (embedded or not) and starts
 spark/trade_aggregation.py, technical_indicators.py and anomaly_detection.py with `--source kafka`
-(the jobs stay separate programs; this only launches them, as spark-submit or Airflow would). A job
+(the jobs stay separate programs; this only launches them, as spark-submit or Airflow would), one
+after another: the next once the previous has finished a micro-batch (at most a minute). A job
 that exits is logged with the tail of its output and restarted with capped, jittered backoff; on
 drain each job gets SIGTERM (it stops its query between batches) and, past the deadline, its whole
 process group is killed. Secrets travel in the environment, never on the command line.
@@ -40,6 +41,9 @@ HEALTHY_RUN_S = 60.0
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 60.0
 TAIL_LINES = 8
+# Jobs start one after another: the next once the previous finished a micro-batch, or after this.
+STAGGER_MAX_S = 60.0
+STAGGER_POLL_S = 0.5
 
 
 @attrs.frozen
@@ -187,7 +191,7 @@ class _Board:
         self.rt.health.set(NAME, started=True, healthy=not bad, reason=reason)
 
 
-async def _run_job(rt: Runtime, launch: Launch, board: _Board) -> None:
+async def _run_job(rt: Runtime, launch: Launch, board: _Board, offsets: dict[Path, int]) -> None:
     """Start the job, restart it when it exits, stop it on drain."""
     backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
     grace_s = max(1.0, rt.config.shutdown.drain_timeout_s * 0.8)
@@ -195,6 +199,7 @@ async def _run_job(rt: Runtime, launch: Launch, board: _Board) -> None:
     while not rt.draining.is_set():
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         with launch.log_path.open("ab") as out:
+            offsets[launch.log_path] = out.tell()  # where this run's output starts
             proc = await trio.lowlevel.open_process(
                 # The guard stops the job when marketd dies, however it dies (guard.py).
                 [sys.executable, "-m", "marketd.analytics.guard", *launch.argv],
@@ -241,6 +246,30 @@ async def _run_job(rt: Runtime, launch: Launch, board: _Board) -> None:
     board.set(launch.job, "stopped")
 
 
+async def _until_settled(rt: Runtime, launch: Launch, offsets: dict[Path, int]) -> None:
+    """Wait until the job has finished its first micro-batch (its log says `batch.done`), at most
+    STAGGER_MAX_S. Starting a JVM, a session and the first Python workers is the heavy part of a
+    job's life; three at once on two cores starve each other, and Spark gives a Python worker
+    only 10 s to connect back (measured: all three jobs failed together at load average 37)."""
+    with trio.move_on_after(STAGGER_MAX_S):
+        while not rt.draining.is_set():
+            start = offsets.get(launch.log_path, 0)
+            if b"batch.done" in await trio.to_thread.run_sync(_log_since, launch.log_path, start):
+                return
+            with trio.move_on_after(STAGGER_POLL_S):
+                await rt.draining.wait()
+
+
+def _log_since(path: Path, offset: int) -> bytes:
+    """What the job logged since its last start (the log is appended across runs)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read()
+    except OSError:
+        return b""
+
+
 async def _stop_on_drain(rt: Runtime, proc: trio.Process, job: str, grace_s: float) -> None:
     await rt.draining.wait()
     log.info("spark.job_stopping", job=job, pid=proc.pid, grace_s=round(grace_s, 1))
@@ -283,9 +312,12 @@ async def run_spark_jobs(
             postgres=bool(cfg.analytics.postgres_dsn),
         )
         task_status.started()
+        offsets: dict[Path, int] = {}
         async with trio.open_nursery() as nursery:
-            for launch in plan:
-                nursery.start_soon(_run_job, rt, launch, board)
+            for i, launch in enumerate(plan):
+                if i:
+                    await _until_settled(rt, plan[i - 1], offsets)
+                nursery.start_soon(_run_job, rt, launch, board, offsets)
 
 
 __all__ = ["NAME", "Launch", "launches", "preflight", "run_spark_jobs"]

@@ -88,6 +88,7 @@ FAKE_JOB = textwrap.dedent(
         Path(sys.argv[0]).with_suffix(".stopped").write_text(signal.Signals(signum).name)
         sys.exit(0)
     signal.signal(signal.SIGTERM, stop)
+    print("batch.done job=fake batch=0", flush=True)  # the next job may start now
     while True:
         time.sleep(0.05)
     """
