@@ -6,7 +6,14 @@ histogram), marketd CPU seconds per 100k messages and peak RSS; and, in the same
 receive rate of a plain trio-websocket client against the same server (the ceiling).
 
     .venv/bin/python bench/ingest.py                      # max rate + 10k/s, 20 s each
+    .venv/bin/python bench/ingest.py --sets mixed         # only trade + kline_1m + 24h ticker
     .venv/bin/python bench/ingest.py --soak 600           # + RSS over 10 minutes at 10k/s
+
+Two stream sets, each measured against its own bare receive rate: `trades` (one trade stream per
+symbol) and `mixed` (trade + kline_1m + 24 h ticker per symbol, the set users subscribe). The
+fake exchange's trade rate is the load; klines and tickers come on their own schedule (about
+one frame per stream per second) and go to their own topics, so msgs/s counts the trades tape
+(which is also the one checked id by id), and the bare client counts every frame it receives.
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ from marketd.testing.samples import BENCH_SYMBOLS
 from marketd.tickers.redis_server import free_port
 
 SYMBOLS = list(BENCH_SYMBOLS)
-STREAMS = [f"{s}@trade" for s in SYMBOLS]
+STREAM_SETS = {
+    "trades": [f"{s}@trade" for s in SYMBOLS],
+    "mixed": [f"{s}@{kind}" for s in SYMBOLS for kind in ("trade", "kline_1m", "ticker")],
+}
 
 
 def start_exchange(rate: str) -> tuple[subprocess.Popen[str], str]:
@@ -67,8 +77,8 @@ def start_exchange(rate: str) -> tuple[subprocess.Popen[str], str]:
     return proc, m.group(1)
 
 
-async def bare_receive_rate(ws_url: str, seconds: float) -> float:
-    url = ws_url + "?streams=" + "/".join(STREAMS)
+async def bare_receive_rate(ws_url: str, streams: list[str], seconds: float) -> float:
+    url = ws_url + "?streams=" + "/".join(streams)
     n = 0
     async with trio_websocket.open_websocket_url(url) as ws:
         for _ in range(2000):  # warm-up
@@ -126,6 +136,18 @@ def latency_buckets(api_port: int) -> dict[float, float]:
     return out
 
 
+def wait_for_api(api_port: int, proc: subprocess.Popen[str], timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            latency_buckets(api_port)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"marketd did not start (exit code {proc.poll()})") from None
+            time.sleep(0.2)
+
+
 def window_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
     """Upper bound of the bucket holding quantile q of what was observed between two scrapes:
     the steady state, without the connection set-up of the first second."""
@@ -137,7 +159,9 @@ def window_quantile(before: dict[float, float], after: dict[float, float], q: fl
     return next(b for b, c in zip(bounds, counts, strict=True) if c >= rank)
 
 
-def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
+def run_marketd(
+    ws_url: str, streams: list[str], seconds: float, extra_env: dict[str, str]
+) -> dict[str, Any]:
     # The mock cluster lives in this process, so the tape can be read to its end after marketd
     # exits; marketd reaches it over loopback like any broker.
     cluster = EmbeddedCluster()
@@ -151,7 +175,7 @@ def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[
         "KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap_servers,
         "BINANCE_WS_URL": ws_url,
         "BINANCE_REST_URL": ws_url.replace("ws://", "http://").removesuffix("/stream"),
-        "BINANCE_STREAMS": ",".join(STREAMS),
+        "BINANCE_STREAMS": ",".join(streams),
         "TOPIC_RAW_TRADES": topic,
         # The Kafka-outage spool is armed (not embedded Kafka), as in production; its own dir.
         "SPOOL_DIR": tempfile.mkdtemp(prefix="marketd-bench-spool-"),
@@ -175,6 +199,7 @@ def run_marketd(ws_url: str, seconds: float, extra_env: dict[str, str]) -> dict[
     ps = psutil.Process(proc.pid)
     peak_rss = 0
     rss_samples: list[tuple[float, int]] = []
+    wait_for_api(api_port, proc)  # a loaded machine may take many seconds to start marketd
     time.sleep(2.0)  # connect + warm up
     buckets0 = latency_buckets(api_port)
     cpu0 = ps.cpu_times()
@@ -231,6 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rates", default="max,10000")
+    parser.add_argument("--sets", default="trades,mixed", help=f"of {','.join(STREAM_SETS)}")
     parser.add_argument("--soak", type=float, default=0, help="seconds at 10k/s for RSS growth")
     args = parser.parse_args()
     print(
@@ -238,16 +264,20 @@ def main() -> None:
         f"confluent-kafka {confluent_kafka.version()[0]}, "
         f"librdkafka {confluent_kafka.libversion()[0]}"
     )
-    for rate in args.rates.split(","):
+    for set_name, rate in itertools.product(args.sets.split(","), args.rates.split(",")):
+        streams = STREAM_SETS[set_name]
         proc, ws_url = start_exchange(rate)
         try:
-            bare = trio.run(bare_receive_rate, ws_url, min(args.seconds, 10.0))
-            result = run_marketd(ws_url, args.seconds, {})
+            bare = trio.run(bare_receive_rate, ws_url, streams, min(args.seconds, 10.0))
+            result = run_marketd(ws_url, streams, args.seconds, {})
         finally:
             proc.terminate()
             proc.wait(10)
         ratio = result["msgs_per_s"] / bare if rate == "max" else float("nan")
-        print(f"\nrate={rate}: bare trio-websocket receive {bare:,.0f} msgs/s")
+        print(
+            f"\n{set_name} ({len(streams)} streams), rate={rate}: "
+            f"bare trio-websocket receive {bare:,.0f} msgs/s"
+        )
         for k, v in result.items():
             print(f"  {k:16} {v:,.3f}" if isinstance(v, float) else f"  {k:16} {v}")
         if rate == "max":
@@ -255,7 +285,7 @@ def main() -> None:
     if args.soak:
         proc, ws_url = start_exchange("10000")
         try:
-            result = run_marketd(ws_url, args.soak, {})
+            result = run_marketd(ws_url, STREAM_SETS["trades"], args.soak, {})
         finally:
             proc.terminate()
             proc.wait(10)

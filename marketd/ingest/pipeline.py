@@ -1,10 +1,12 @@
-"""The ingest component: WebSocket connections -> decode -> batch -> Kafka, as one supervised unit.
+"""The ingest component: WebSocket connections -> decode + batch -> Kafka, as one supervised unit.
 
-Stages are started downstream-first (producer, batcher, decoder, then the connections), joined by
-bounded channels. Shutdown is by closing channels: on `rt.draining` the connections stop reading
-and close their channel clones; the decoder, batcher and producer drain in turn; the producer
-flushes. `run_ingest` returns once everything accepted was handed to Kafka, or to the on-disk
-spool when Kafka could not take it (or the flush bound passed, which is logged with the count).
+Stages are started downstream-first (producer, decoder, then the connections), joined by bounded
+channels. The decode stage also cuts its output into the producer's batches (no batcher task in
+between: one wake-up less per chunk). Shutdown is by closing channels: on `rt.draining` the
+connections stop reading and close their channel clones; the decoder and the producer drain in
+turn; the producer flushes. `run_ingest` returns once everything accepted was handed to Kafka,
+or to the on-disk spool when Kafka could not take it (or the flush bound passed, which is logged
+with the count).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import trio
 
 from marketd.errors import KafkaUnavailable
 from marketd.ingest.backfill import BackfillResult, run_backfill
-from marketd.ingest.batch import Batch, BatchPolicy, run_batcher
+from marketd.ingest.batch import Batch, split_batches
 from marketd.ingest.decode import Decoder, Frame, Outgoing, Topics
 from marketd.ingest.limits import TokenBucket
 from marketd.ingest.produce import KafkaSink, ProduceStats, run_producer
@@ -29,6 +31,7 @@ from marketd.ingest.watch import BACKFILL, KafkaCheck, RestWatch, watch_ingest
 from marketd.kafka.client import consumer_settings, is_embedded, producer_settings
 from marketd.kafka.tail import trade_tail
 from marketd.logs import get_logger
+from marketd.metrics import FastHistogramCollector
 from marketd.records import AggTradeRecord, KlineRecord, TradeRecord
 from marketd.rest.budget import WeightBudget
 from marketd.rest.client import BinanceRest
@@ -37,7 +40,7 @@ from marketd.spool import Spool
 
 log = get_logger(__name__)
 
-# How many frames the decoder takes in one go before handing a chunk on (bounds chunk latency).
+# How many frames the decoder takes in one go before handing its batches on (bounds latency).
 DECODE_CHUNK = 4096
 # Coalesce when a wake-up found this many frames waiting. Measured with bench/ingest.py against
 # the fake exchange: 2 -> 32k frames/s at max rate and keeps up at 10k/s; 16 -> 13.5k frames/s
@@ -54,28 +57,44 @@ Inbound = Frame | Reconnected | BackfillResult
 
 async def run_decoder(
     frames_rx: trio.MemoryReceiveChannel[Inbound],
-    chunks_tx: trio.MemorySendChannel[list[Outgoing]],
+    batches_tx: trio.MemorySendChannel[Batch],
     decoder: Decoder,
     keeper: TapeKeeper,
     *,
+    batch_size: int = 100,
+    batch_sizes: FastHistogramCollector | None = None,
     coalesce_s: float = 0.001,
     tick_s: float = 0.25,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Decode frames in chunks, keep the tape in order, hand chunks to the batcher.
+    """Decode frames in chunks, keep the tape in order, hand batches of at most `batch_size`
+    records to the producer.
+
+    Everything a wake-up produced goes out at its end, cut into batches (split_batches): nothing
+    is held back waiting for more, so a batch's age is bounded by one wake-up (within the
+    `batch.timeout_ms` bound) and an idle pipeline adds no latency. A full batch channel blocks
+    the decoder, which then stops taking frames: backpressure reaches the WebSocket readers.
 
     Adaptive coalescing: when the previous wake-up found a backlog (COALESCE_WHEN_BACKLOG frames
     or more: frames arrive faster than they are handled one by one), wait `coalesce_s` before
-    draining, so the decoder, the batcher and the producer each wake once per chunk instead of
-    once per frame (measured here: 21k -> 36k frames/s on one core). A stream the decoder keeps
+    draining, so the decoder and the producer each wake once per chunk instead of once per
+    frame (measured here: 21k -> 36k frames/s on one core). A stream the decoder keeps
     up with is never delayed.
     Reconnect notices and backfill results arrive on the same channel, in order with the frames.
     At end of input the keeper releases whatever it still holds (behind gap records).
     """
     decode = decoder.decode
+    sizes = batch_sizes.labels() if batch_sizes is not None else None
+
+    async def emit(records: list[Outgoing]) -> None:
+        for batch in split_batches(records, batch_size):
+            if sizes is not None:
+                sizes.observe(len(batch))
+            await batches_tx.send(batch)
+
     busy = False
     next_tick = trio.current_time() + tick_s
-    async with frames_rx, chunks_tx:
+    async with frames_rx, batches_tx:
         task_status.started()
         while True:
             received = False
@@ -87,7 +106,7 @@ async def run_decoder(
                     break
             now = trio.current_time()
             decoded: list[Outgoing] = []  # decoded, not yet through the keeper
-            chunk: list[Outgoing] = []  # in tape order, ready for the batcher
+            chunk: list[Outgoing] = []  # in tape order, ready for the producer
             ended = False
             taken = 0
             if now >= next_tick:
@@ -115,12 +134,10 @@ async def run_decoder(
             if decoded:
                 chunk += keeper.admit(decoded, now)
             if chunk:
-                await chunks_tx.send(chunk)
+                await emit(chunk)
             if ended:
                 break
-        held = keeper.flush("shutdown")
-        if held:
-            await chunks_tx.send(held)
+        await emit(keeper.flush("shutdown"))
 
 
 def _take(
@@ -355,15 +372,10 @@ async def _run_ingest(
         # exchange traded while marketd was down is backfilled as a "restart" gap.
         keeper.seed_trades(seeds)
         log.info("ingest.resumed_tape", symbols=len(seeds))
-    chunks_tx, chunks_rx = trio.open_memory_channel[list[Outgoing]](cfg.ingest.record_buffer)
     batches_tx, batches_rx = trio.open_memory_channel[Batch](cfg.ingest.batch_buffer)
-    policy = BatchPolicy(
-        cfg.batch.size, cfg.batch.timeout_ms / 1000, cfg.batch.check_interval_ms / 1000
-    )
     fill = rt.metrics.gauge("channel_fill", "items buffered between stages", ["channel"])
     channels: tuple[tuple[str, trio.MemorySendChannel[Any]], ...] = (
         ("frames", frames_tx),
-        ("chunks", chunks_tx),
         ("batches", batches_tx),
     )
     for name, ch in channels:
@@ -395,12 +407,14 @@ async def _run_ingest(
             )
             await nursery.start(spooling.run, batches_rx)
         await nursery.start(
-            functools.partial(run_batcher, batch_sizes=batch_sizes), chunks_rx, batches_tx, policy
-        )
-        await nursery.start(
-            functools.partial(run_decoder, coalesce_s=cfg.ingest.coalesce_ms / 1000),
+            functools.partial(
+                run_decoder,
+                batch_size=cfg.batch.size,
+                batch_sizes=batch_sizes,
+                coalesce_s=cfg.ingest.coalesce_ms / 1000,
+            ),
             frames_rx,
-            chunks_tx,
+            batches_tx,
             make_decoder(rt),
             keeper,
         )
