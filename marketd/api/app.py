@@ -162,7 +162,8 @@ def create_app(rt: Runtime, *, reader: TickerReader | None = None) -> QuartTrio:
         reader = TickerReader(own_store)
     the_reader = reader
 
-    app = QuartTrio(__name__)
+    # static_folder=None: the dashboard serves its own assets (with its CSP); no bare /static/.
+    app = QuartTrio(__name__, static_folder=None)
     app.config["JSONIFY_MIMETYPE"] = _JSON
 
     # The push API (SSE, raw ASGI in front of Quart) and the dashboard page: marketd/api/stream.py.
