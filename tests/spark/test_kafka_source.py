@@ -242,7 +242,7 @@ def test_trade_aggregation_reads_kafka_in_limited_batches_and_resumes_from_its_c
     )
     assert not late and run2.stats["late"] == {}
     _assert_windows(_parquet_rows(spark, out), expected)
-    assert len(expected) == 3 * (16 + 4 + 1)
+    assert len(expected) == 3 * (12 + 3 + 1)  # 12 one-minute, 3 five-minute, 1 fifteen-minute
 
 
 def _job(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
