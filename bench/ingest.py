@@ -7,6 +7,7 @@ receive rate of a plain trio-websocket client against the same server (the ceili
 
     .venv/bin/python bench/ingest.py                      # max rate + 10k/s, 20 s each
     .venv/bin/python bench/ingest.py --sets mixed         # only trade + kline_1m + 24h ticker
+    .venv/bin/python bench/ingest.py --no-spool           # the path without the Kafka-outage spool
     .venv/bin/python bench/ingest.py --soak 600           # + RSS over 10 minutes at 10k/s
 
 Two stream sets, each measured against its own bare receive rate: `trades` (one trade stream per
@@ -257,6 +258,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rates", default="max,10000")
     parser.add_argument("--sets", default="trades,mixed", help=f"of {','.join(STREAM_SETS)}")
+    parser.add_argument(
+        "--no-spool",
+        action="store_true",
+        help="SPOOL_ENABLED=false: the path of embedded Kafka (the decode stage produces itself)",
+    )
     parser.add_argument("--soak", type=float, default=0, help="seconds at 10k/s for RSS growth")
     args = parser.parse_args()
     print(
@@ -264,12 +270,13 @@ def main() -> None:
         f"confluent-kafka {confluent_kafka.version()[0]}, "
         f"librdkafka {confluent_kafka.libversion()[0]}"
     )
+    extra_env = {"SPOOL_ENABLED": "false"} if args.no_spool else {}
     for set_name, rate in itertools.product(args.sets.split(","), args.rates.split(",")):
         streams = STREAM_SETS[set_name]
         proc, ws_url = start_exchange(rate)
         try:
             bare = trio.run(bare_receive_rate, ws_url, streams, min(args.seconds, 10.0))
-            result = run_marketd(ws_url, streams, args.seconds, {})
+            result = run_marketd(ws_url, streams, args.seconds, extra_env)
         finally:
             proc.terminate()
             proc.wait(10)

@@ -2,7 +2,9 @@
 
 Stages are started downstream-first (producer, decoder, then the connections), joined by bounded
 channels. The decode stage also cuts its output into the producer's batches (no batcher task in
-between: one wake-up less per chunk). Shutdown is by closing channels: on `rt.draining` the
+between: one wake-up less per chunk); without a spool it also hands them to librdkafka itself
+(no task hop per batch), and the producer stage only serves delivery reports and flushes at the
+end. Shutdown is by closing channels: on `rt.draining` the
 connections stop reading and close their channel clones; the decoder and the producer drain in
 turn; the producer flushes. `run_ingest` returns once everything accepted was handed to Kafka,
 or to the on-disk spool when Kafka could not take it (or the flush bound passed, which is logged
@@ -63,6 +65,7 @@ async def run_decoder(
     *,
     batch_size: int = 100,
     batch_sizes: FastHistogramCollector | None = None,
+    produce: Callable[[Batch], Awaitable[object]] | None = None,
     coalesce_s: float = 0.001,
     tick_s: float = 0.25,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -74,6 +77,10 @@ async def run_decoder(
     is held back waiting for more, so a batch's age is bounded by one wake-up (within the
     `batch.timeout_ms` bound) and an idle pipeline adds no latency. A full batch channel blocks
     the decoder, which then stops taking frames: backpressure reaches the WebSocket readers.
+    With `produce` (no spool: KafkaSink.produce_batch) the stage hands each batch to librdkafka
+    itself, without a task hop (produce() is non-blocking on the trio thread; a full local
+    queue makes `produce` wait, which is the same backpressure); `batches_tx` then only
+    signals the end of input to the producer stage, which flushes.
 
     Adaptive coalescing: when the previous wake-up found a backlog (COALESCE_WHEN_BACKLOG frames
     or more: frames arrive faster than they are handled one by one), wait `coalesce_s` before
@@ -85,12 +92,13 @@ async def run_decoder(
     """
     decode = decoder.decode
     sizes = batch_sizes.labels() if batch_sizes is not None else None
+    hand_over = batches_tx.send if produce is None else produce
 
     async def emit(records: list[Outgoing]) -> None:
         for batch in split_batches(records, batch_size):
             if sizes is not None:
                 sizes.observe(len(batch))
-            await batches_tx.send(batch)
+            await hand_over(batch)
 
     busy = False
     next_tick = trio.current_time() + tick_s
@@ -411,6 +419,9 @@ async def _run_ingest(
                 run_decoder,
                 batch_size=cfg.batch.size,
                 batch_sizes=batch_sizes,
+                # Without a spool the decoder produces itself (no task hop per batch); the
+                # spooling stage keeps its channel: it decides per batch between Kafka and disk.
+                produce=sink.produce_batch if spool is None else None,
                 coalesce_s=cfg.ingest.coalesce_ms / 1000,
             ),
             frames_rx,

@@ -388,7 +388,9 @@ async def run_producer(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Produce every batch until the channel closes, then flush and stop the poller."""
+    """Produce every batch until the channel closes, then flush and stop the poller. (Without
+    a spool the decode stage calls `sink.produce_batch` itself and the channel carries no batch:
+    its closing is the end of input.)"""
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run_reaper)
         task_status.started()

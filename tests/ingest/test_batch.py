@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import pytest
@@ -48,7 +49,12 @@ def test_split_batches_refuses_a_size_below_one() -> None:
 
 
 async def start(
-    nursery: trio.Nursery, batch_size: int, *, frame_buffer: int = 100, batch_buffer: int = 100
+    nursery: trio.Nursery,
+    batch_size: int,
+    *,
+    frame_buffer: int = 100,
+    batch_buffer: int = 100,
+    produce: Callable[[Batch], Awaitable[object]] | None = None,
 ) -> tuple[trio.MemorySendChannel[Inbound], trio.MemoryReceiveChannel[Batch]]:
     keeper = TapeKeeper(
         gaps_topic="gaps",
@@ -59,7 +65,7 @@ async def start(
     frames_tx, frames_rx = trio.open_memory_channel[Inbound](frame_buffer)
     batches_tx, batches_rx = trio.open_memory_channel[Batch](batch_buffer)
     await nursery.start(
-        functools.partial(run_decoder, batch_size=batch_size, coalesce_s=0.0),
+        functools.partial(run_decoder, batch_size=batch_size, produce=produce, coalesce_s=0.0),
         frames_rx,
         batches_tx,
         Decoder(TOPICS),
@@ -122,3 +128,22 @@ async def test_backpressure_when_the_producer_is_slow(
         # then the reader's send blocks.
         assert sent <= 10
         nursery.cancel_scope.cancel()
+
+
+async def test_without_a_spool_the_stage_produces_itself_and_closes_the_channel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    produced: list[Batch] = []
+
+    async def produce(batch: Batch) -> None:
+        produced.append(batch)
+        await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        frames_tx, batches_rx = await start(nursery, batch_size=4, produce=produce)
+        for trade_id in range(1, 11):
+            frames_tx.send_nowait(frame(trade_id))
+        await frames_tx.aclose()
+        assert [b async for b in batches_rx] == []  # end of input only
+    assert all(1 <= len(b) <= 4 for b in produced)
+    assert [i for b in produced for i in trade_ids(b)] == list(range(1, 11))
