@@ -41,7 +41,7 @@ ENDPOINTS = (
 )
 # Three Spark JVMs start on two cores: a shared, loaded machine needs far more than two minutes
 # (README.md, "What to expect, and when").
-DEADLINE_S = 420
+DEADLINE_S = 600
 
 
 def _tail(path: Path, lines: int = 15) -> str:
