@@ -34,7 +34,7 @@ from collections import defaultdict
 from typing import Any
 
 import confluent_kafka
-import psutil
+import psutil  # type: ignore[import-untyped]
 import trio
 import trio_websocket
 
@@ -116,9 +116,10 @@ class TapeReader(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             for msg in self.consumer.consume(5000, 0.2):
-                if msg.error():
+                value = msg.value()
+                if msg.error() or value is None:
                     continue
-                rec = json.loads(msg.value())
+                rec = json.loads(value)
                 self.ids[rec["symbol"]].append(rec["trade_id"])
                 self.count += 1
             self.timeline.append((time.monotonic(), self.count))
