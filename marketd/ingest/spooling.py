@@ -5,7 +5,7 @@ machine (`ingest/delivery.py`, pure: where the bookkeeping and its invariants li
 librdkafka (through `KafkaSink`) and the spool files, and feeds results and delivery reports back
 to it. What the stage does, as a whole:
 
-Receives batches from the batcher, like `run_producer`. While Kafka acknowledges, batches go
+Receives batches from the decode stage (which cuts them), like `run_producer`. While Kafka acknowledges, batches go
 straight to the producer (live), which keeps each record until its ack. When Kafka stops
 answering (records in flight and no ack for `spool.outage_after_s`, every broker reported down,
 librdkafka's queue past `spool.queue_threshold`, or librdkafka giving records up), the stage
