@@ -5,17 +5,17 @@ machine (`ingest/delivery.py`, pure: where the bookkeeping and its invariants li
 librdkafka (through `KafkaSink`) and the spool files, and feeds results and delivery reports back
 to it. What the stage does, as a whole:
 
-Receives batches from the decode stage (which cuts them), like `run_producer`. While Kafka acknowledges, batches go
-straight to the producer (live), which keeps each record until its ack. When Kafka stops
-answering (records in flight and no ack for `spool.outage_after_s`, every broker reported down,
-librdkafka's queue past `spool.queue_threshold`, or librdkafka giving records up), the stage
-appends a copy of every unacknowledged record to the spool (a "shadow": librdkafka still holds
-and retries the original), then every later batch, fsync'd per append: from then on a kill -9
-loses nothing. A metadata probe finds Kafka back; the spool is replayed in append order behind
-the originals (librdkafka keeps produce order per partition), a shadow is sent only if its
-original failed, and entries are acked as a contiguous prefix; the stage goes live once the
-spool is empty. A full spool stops taking batches, so the bounded channels upstream slow the
-WebSocket reader (the continuity tracker backfills later what the reader could not take).
+Receives batches from the decode stage (which cuts them), like `run_producer`. While Kafka
+acknowledges, batches go straight to the producer (live), which keeps each record until its ack.
+When Kafka stops answering (records in flight and no ack for `spool.outage_after_s`, every broker
+reported down, librdkafka's queue past `spool.queue_threshold`, or librdkafka giving records up),
+the stage appends a copy of every unacknowledged record to the spool (a "shadow": librdkafka still
+holds and retries the original), then every later batch, fsync'd per append: from then on a kill -9
+loses nothing. A metadata probe finds Kafka back; the spool is replayed in append order behind the
+originals (librdkafka keeps produce order per partition), a shadow is sent only if its original
+failed, and entries are acked as a contiguous prefix; the stage goes live once the spool is empty. A
+full spool stops taking batches, so the bounded channels upstream slow the WebSocket reader (the
+continuity tracker backfills later what the reader could not take).
 
 A spool left by an earlier run is replayed before any new data. Its trades already in the topic
 (a crash can leave a record both written by the broker and spooled) are skipped by comparing
