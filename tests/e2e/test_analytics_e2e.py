@@ -137,8 +137,8 @@ def _pg_windows(dsn: str) -> dict[tuple[str, str, int], dict[str, Any]]:
 async def test_exchange_to_api_through_kafka_and_the_python_source(
     kafka: TestKafka,
     tmp_path: Path,
-    postgres_dsn: str,
-    redis_server: Any,  # noqa: F811
+    postgres_dsn: str,  # noqa: F811
+    redis_server: Any,
 ) -> None:
     topic = unique_topic("trades")
     api_port = _free_port()
@@ -156,6 +156,12 @@ async def test_exchange_to_api_through_kafka_and_the_python_source(
     follower = Follower(kafka, topic)
     with fake_exchange("--symbols", ",".join(SYMBOLS), "--rate", "100", "--seed", "5") as fx:
         async with trio.open_nursery() as nursery:
+            stores = {
+                "REDIS_URL": redis_server.url,
+                "POSTGRES_DSN": postgres_dsn,
+                "API_HOST": "127.0.0.1",
+                "API_PORT": str(api_port),
+            }
             daemon = Daemon(
                 {
                     "BINANCE_WS_URL": fx.ws_url,
@@ -163,12 +169,9 @@ async def test_exchange_to_api_through_kafka_and_the_python_source(
                     "BINANCE_STREAMS": ",".join(f"{s.lower()}@trade" for s in SYMBOLS),
                     "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
                     "TOPIC_RAW_TRADES": topic,
-                    "MARKETD_COMPONENTS": "ingest,api",
-                    "REDIS_URL": redis_server.url,
-                    "POSTGRES_DSN": postgres_dsn,
-                    "API_HOST": "127.0.0.1",
-                    "API_PORT": str(api_port),
+                    "MARKETD_COMPONENTS": "ingest",
                     "RECONNECT_MAX_DELAY_SECONDS": "1",
+                    **stores,
                 }
             )
             await daemon.start(nursery)
@@ -218,8 +221,18 @@ async def test_exchange_to_api_through_kafka_and_the_python_source(
                         await trio.sleep(0.5)
                 assert await job.stop() == 0, job.text()[-3000:]
 
+                # The feed is stopped; the API (its own marketd process) serves what the job wrote.
+                api = Daemon({**stores, "MARKETD_COMPONENTS": "api"})
+                await api.start(nursery)
                 async with httpx.AsyncClient(timeout=10) as http:
                     base = f"http://127.0.0.1:{api_port}/api/v1/market"
+                    with trio.fail_after(60):
+                        while True:
+                            try:
+                                await http.get(f"{base}/BTCUSDT/klines")
+                                break
+                            except httpx.TransportError:
+                                await trio.sleep(0.2)
                     klines = {
                         s: (await http.get(f"{base}/{s}/klines?interval=1m&limit=1000")).json()
                         for s in SYMBOLS
