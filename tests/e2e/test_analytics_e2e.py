@@ -282,7 +282,11 @@ async def test_exchange_to_api_through_kafka_and_the_python_source(
             assert Decimal(bars[start]["volume"]) == want["volume"]
             assert bars[start]["trades_count"] == want["trades_count"]
         for label in INTERVALS:
-            newest = max(k[2] for k in expected if k[0] == s and k[1] == label)
+            starts = [k[2] for k in expected if k[0] == s and k[1] == label]
             got = latest[s]["aggregates"][label]
+            if not starts:  # no 5m/15m window closed in a short run
+                assert got is None
+                continue
+            newest = max(starts)
             assert got["window_start"] == newest
             assert Decimal(got["quote_volume"]) == expected[(s, label, newest)]["quote_volume"]
