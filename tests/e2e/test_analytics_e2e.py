@@ -238,6 +238,7 @@ async def test_exchange_to_api_through_kafka_and_the_python_source(
                         for s in SYMBOLS
                     }
                     latest = {s: (await http.get(f"{base}/{s}/aggregates")).json() for s in SYMBOLS}
+                assert await api.stop() == 0, api.tail()
             finally:
                 job.kill()
                 nursery.cancel_scope.cancel()
