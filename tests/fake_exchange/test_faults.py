@@ -142,7 +142,9 @@ async def test_malformed_frames_of_every_kind_are_inserted_and_counted(start: St
         else:
             odd += 1
     injected = {k: v for k, v in ex.counters.items() if k.startswith("malformed.")}
-    assert odd == sum(injected.values()) > 0
+    # The server counts what it sent; it may send a few more frames after the client read its
+    # 600 and before the connection closed (more of them on a loaded machine).
+    assert 0 < odd <= sum(injected.values())
     assert set(injected) == {f"malformed.{k}" for k in MALFORMED_KINDS}
     # Malformed frames come in addition: the real trades stay gap-free.
     assert good_ids == list(range(good_ids[0], good_ids[0] + len(good_ids)))
