@@ -226,6 +226,9 @@ async def _run_job(rt: Runtime, launch: Launch, board: _Board, offsets: dict[Pat
                 _kill_group(proc)
             with trio.CancelScope(shield=True):
                 await proc.wait()
+                # Whatever is left in the job's process group (a JVM still winding down after
+                # the guard exited) must not outlive this run: its state is in the checkpoint.
+                _kill_group(proc)
                 if proc.stdin is not None:
                     await proc.stdin.aclose()
         ran_s = trio.current_time() - started
