@@ -140,7 +140,7 @@ async def test_one_command_fills_every_market_and_analytics_endpoint(tmp_path: P
     groups = {e["pid"] for e in daemon.find("spark.job_started")}
     # A SIGKILLed JVM takes a moment to be gone: poll, bounded.
     with trio.move_on_after(15):
-        while _live_members(groups):  # noqa: ASYNC110 - /proc has no event to wait on
+        while _live_members(groups):  # /proc has no event to wait on
             await trio.sleep(0.1)
     assert _live_members(groups) == [], "a job (or its JVM) outlived marketd"
 
