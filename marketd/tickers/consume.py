@@ -221,8 +221,12 @@ class TickerConsumer:
                     continue
             if plan.writes:
                 self._redis_ok_at = trio.current_time()
-            if self._outage_since is not None:
-                self._recovered()
+                if self._outage_since is not None:
+                    self._recovered()
+            elif self._outage_since is not None:
+                # Nothing to write (every held record was skipped by the rules) proves nothing
+                # about Redis: ask it before calling the outage over.
+                await self.check_redis()
             self._account(plan, results)
             if self.dlq.unflushed:
                 await self.dlq.flush()  # dead letters are acknowledged before their commit
