@@ -15,15 +15,15 @@ Stores that are not plain TCP (TLS, unix socket) use the sync redis-py client in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import hiredis
 import trio
 
 from marketd.errors import StoreUnavailable
 from marketd.tickers.rules import ticker_key
-from marketd.tickers.store import TcpAddress, TickerStore
+from marketd.tickers.store import TcpAddress
 
 
 def _command(*parts: str | bytes) -> bytes:
@@ -34,6 +34,15 @@ def _command(*parts: str | bytes) -> bytes:
     return b"".join(out)
 
 
+class HashStore(Protocol):
+    """What a reader needs of a store (TickerStore; BookStore for `book:{SYMBOL}`)."""
+
+    def tcp_address(self) -> TcpAddress | None: ...
+    def read(self, symbols: Sequence[str]) -> list[dict[str, str]]: ...
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class NativeReads:
     """Pipelined HGETALLs over one trio TCP connection; (re)connects on demand.
 
@@ -41,9 +50,15 @@ class NativeReads:
     StoreUnavailable; the next read reconnects. Each read is bounded by the store's timeout.
     """
 
-    def __init__(self, address: TcpAddress, client_name: str = "marketd-api-reads") -> None:
+    def __init__(
+        self,
+        address: TcpAddress,
+        client_name: str = "marketd-api-reads",
+        key: Callable[[str], str] = ticker_key,
+    ) -> None:
         self.address = address
         self.client_name = client_name
+        self.key = key  # symbol -> hash key, as the store's own `read` names it
         self._stream: trio.SocketStream | None = None
         self._reader = hiredis.Reader()
 
@@ -84,7 +99,7 @@ class NativeReads:
             with trio.fail_after(self.address.timeout_s):
                 if self._stream is None:
                     await self._connect()
-                payload = b"".join(_command("HGETALL", ticker_key(s)) for s in symbols)
+                payload = b"".join(_command("HGETALL", self.key(s)) for s in symbols)
                 replies = await self._roundtrip(payload, len(symbols))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await self.close()
@@ -129,10 +144,17 @@ class _Request:
 
 
 class TickerReader:
-    def __init__(self, store: TickerStore, *, native: bool = True) -> None:
+    def __init__(
+        self,
+        store: HashStore,
+        *,
+        native: bool = True,
+        key: Callable[[str], str] = ticker_key,
+        client_name: str = "marketd-api-reads",
+    ) -> None:
         self._store = store
         address = store.tcp_address() if native else None
-        self._native = NativeReads(address) if address is not None else None
+        self._native = NativeReads(address, client_name, key) if address is not None else None
         self._limiter = trio.CapacityLimiter(1)
         self._waiting: list[_Request] = []
         self._wakeup = trio.Event()
