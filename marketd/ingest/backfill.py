@@ -6,28 +6,38 @@ startTime, 1000 per call, stopping exactly at the end of the range) and hands ea
 it could not recover and why. Transient REST failures are retried with capped jittered backoff
 until `give_up_after_s` after the request started; it then reports the rest as lost. At most
 `concurrency` requests run at once; when the channel closes, running requests finish first.
+The request and result types, kinds and reasons are repair.py's (pure); they are re-exported
+here for the callers that know them by this module.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any
 
 import attrs
 import trio
 
 from marketd.backoff import Backoff
 from marketd.errors import TransientError
-from marketd.ingest.continuity import (
-    Action,
-    KlineGate,
+from marketd.ingest.repair import (
+    BACKFILL_HEADER,
+    BackfillResult,
+    GapKind,
+    GapReason,
+    KlineBackfill,
     LostRange,
+    Request,
     RequestBackfill,
     RequestKlines,
-    TradeGate,
+    TradeBackfill,
+    missing_trades_reason,
+    outcome,
+    request_kind,
 )
 from marketd.ingest.streams import interval_ms, parse_stream
+from marketd.ingest.tape import route_result
 from marketd.logs import Throttle, get_logger
 from marketd.metrics import MetricsFactory
 from marketd.records import SCHEMA_VERSION, SOURCE, AggTradeRecord, KlineRecord, TradeRecord
@@ -36,43 +46,17 @@ from marketd.rest.errors import RestBadResponse, RestRateLimited, RestRejected
 
 log = get_logger(__name__)
 
-R = TypeVar("R")
-
-# Kafka header on every record that came from REST (TradeRecord also carries "backfill": true in
-# its JSON value; KlineRecord and AggTradeRecord have no such field, so the header is the mark).
-BACKFILL_HEADER: Final = ("backfill", b"1")
-
-
-@attrs.frozen
-class TradeBackfill:
-    """A page of recovered trades (or aggregate trades), ascending ids within the request.
-
-    `final` results carry no records; `lost` lists what could not be recovered (only on final).
-    Trade records have backfill=True; event_time = trade_time (REST has no event time).
-    """
-
-    request: RequestBackfill
-    records: Sequence[TradeRecord | AggTradeRecord]
-    final: bool = False
-    lost: tuple[LostRange, ...] = ()
-
-
-@attrs.frozen
-class KlineBackfill:
-    """A page of recovered closed klines, ascending open time within the request.
-
-    event_time = close_time and first/last_trade_id = -1: REST kline rows carry neither.
-    `lost` (only on final) are open-time ranges Binance did not return.
-    """
-
-    request: RequestKlines
-    records: Sequence[KlineRecord]
-    final: bool = False
-    lost: tuple[LostRange, ...] = ()
-
-
-BackfillResult = TradeBackfill | KlineBackfill
-Request = RequestBackfill | RequestKlines
+# The driver, and (re-exported) the pure types and routing it works with.
+__all__ = [
+    "BACKFILL_HEADER",
+    "BackfillResult",
+    "Backfiller",
+    "KlineBackfill",
+    "Request",
+    "TradeBackfill",
+    "route_result",
+    "run_backfill",
+]
 
 
 def _wall_ms() -> int:
@@ -118,7 +102,7 @@ class Backfiller:
     async def run(self, request: Request) -> None:
         """Serve one request to its end: pages delivered, then the final result. Never raises
         for REST trouble (that becomes `lost`); `deliver`'s own errors propagate."""
-        kind = request.kind if isinstance(request, RequestBackfill) else "klines"
+        kind = request_kind(request)
         deadline = trio.current_time() + self.give_up_after_s
         log.info("backfill.start", **attrs.asdict(request))
         if isinstance(request, RequestBackfill):
@@ -127,8 +111,7 @@ class Backfiller:
         else:
             lost = await self._klines(request, deadline)
             await self.deliver(KlineBackfill(request, [], final=True, lost=tuple(lost)))
-        outcome = "repaired" if not lost else "partial" if _partial(request, lost) else "failed"
-        self._m_requests.labels(kind, outcome).inc()
+        self._m_requests.labels(kind, outcome(request, lost)).inc()
         if lost:
             log.error(
                 "backfill.lost",
@@ -144,7 +127,9 @@ class Backfiller:
     async def _trades(self, req: RequestBackfill, deadline: float) -> list[LostRange]:
         lost: list[LostRange] = []
         cur = req.from_id
-        endpoint = self.rest.historical_trades if req.kind == "trades" else self.rest.agg_trades
+        endpoint = (
+            self.rest.historical_trades if req.kind == GapKind.TRADES else self.rest.agg_trades
+        )
         lagging = Backoff(self.backoff_initial_s, self.backoff_max_s)
         while cur <= req.to_id:
             limit = min(MAX_LIMIT, req.to_id - cur + 1)
@@ -155,17 +140,17 @@ class Backfiller:
                 if not rows:
                     # Ids the live stream already showed but REST does not have yet: its
                     # database lags. Retry like an outage.
-                    await self._retry(deadline, "rest_lagging", lagging, req)
+                    await self._retry(deadline, GapReason.REST_LAGGING, lagging, req)
                     continue
             except _GiveUp as exc:
                 lost.append(LostRange(cur, req.to_id, exc.reason))
                 break
             first = _row_id(rows[0])
             if first > req.to_id:
-                lost.append(LostRange(cur, req.to_id, _too_old(cur, req.from_id)))
+                lost.append(LostRange(cur, req.to_id, missing_trades_reason(cur, req.from_id)))
                 break
             if first > cur:
-                lost.append(LostRange(cur, first - 1, _too_old(cur, req.from_id)))
+                lost.append(LostRange(cur, first - 1, missing_trades_reason(cur, req.from_id)))
             now_ms = self._wall_ms()
             page = [
                 self._trade_record(req, row, now_ms) for row in rows if _row_id(row) <= req.to_id
@@ -238,14 +223,14 @@ class Backfiller:
             rows = [k for k in rows if cur <= k.open_time <= req.end_ms and k.close_time < now_ms]
             if not rows:
                 if prev is None and req.end_ms - req.start_ms + 1 >= step:
-                    lost.append(LostRange(req.start_ms, req.end_ms, "not_on_rest"))
+                    lost.append(LostRange(req.start_ms, req.end_ms, GapReason.NOT_ON_REST))
                 break
             for k in rows:
                 if fixed and prev is not None and k.open_time - prev > step:
-                    lost.append(LostRange(prev + step, k.open_time - step, "not_on_rest"))
+                    lost.append(LostRange(prev + step, k.open_time - step, GapReason.NOT_ON_REST))
                 prev = k.open_time
             page = [self._kline_record(req, k, now_ms) for k in rows]
-            self._m_records.labels("klines").inc(len(page))
+            self._m_records.labels(GapKind.KLINES).inc(len(page))
             await self.deliver(KlineBackfill(req, page))
             cur = rows[-1].open_time + 1
         return lost
@@ -293,7 +278,7 @@ class Backfiller:
                     return result
                 except RestRejected as exc:
                     log.error("backfill.rejected", error=str(exc))
-                    raise _GiveUp("rest_rejected") from exc
+                    raise _GiveUp(GapReason.REST_REJECTED) from exc
                 except TransientError as exc:
                     if self.on_rest is not None:
                         self.on_rest(exc)
@@ -304,7 +289,7 @@ class Backfiller:
                         raise _GiveUp(reason) from exc
                     await trio.sleep(delay)
                     continue
-            raise _GiveUp("rest_unavailable")
+            raise _GiveUp(GapReason.REST_UNAVAILABLE)
 
     async def _retry(self, deadline: float, reason: str, backoff: Backoff, req: Request) -> None:
         delay = backoff.delay()
@@ -357,67 +342,13 @@ async def run_backfill(
                 nursery.start_soon(serve, request)
 
 
-def route_result(
-    result: BackfillResult,
-    *,
-    trades: TradeGate[R] | None,
-    klines: KlineGate[R] | None,
-    wrap: Callable[[Any], R],
-    now: float,
-) -> list[Action[R]]:
-    """Feed one backfill result into its gate; `wrap` turns a record into the gate's R.
-
-    `trades` is the gate of the request's kind (trades or agg_trades). A result for a gate the
-    caller does not have is an error in the wiring.
-    """
-    if isinstance(result, TradeBackfill):
-        if trades is None:
-            raise ValueError(f"no trade gate for {result.request}")
-        req = result.request
-        actions = trades.on_backfill(
-            req.symbol, [(_record_id(r), r.trade_time, wrap(r)) for r in result.records], now=now
-        )
-        if result.final:
-            actions += trades.on_backfill_done(
-                req.symbol, req.from_id, req.to_id, result.lost, now=now
-            )
-        return actions
-    if klines is None:
-        raise ValueError(f"no kline gate for {result.request}")
-    actions = klines.on_backfill(
-        result.request.stream, [(k.open_time, wrap(k)) for k in result.records]
-    )
-    if result.final:
-        actions += klines.on_backfill_done(result.request, result.lost)
-    return actions
-
-
 def _row_id(row: RestTrade | RestAggTrade) -> int:
     return row.id if isinstance(row, RestTrade) else row.agg_id
 
 
-def _record_id(record: TradeRecord | AggTradeRecord) -> int:
-    return record.trade_id if isinstance(record, TradeRecord) else record.agg_trade_id
-
-
-def _too_old(cur: int, from_id: int) -> str:
-    # Missing at the start of the range: older than what REST keeps. Further in: ids Binance
-    # skipped (they are not promised contiguous, docs/binance.md §7.2).
-    return "history_too_old" if cur == from_id else "not_on_rest"
-
-
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException) -> GapReason:
     if isinstance(exc, RestRateLimited):
-        return "rate_limited"
+        return GapReason.RATE_LIMITED
     if isinstance(exc, RestBadResponse):
-        return "rest_bad_response"
-    return "rest_unavailable"
-
-
-def _partial(request: Request, lost: Sequence[LostRange]) -> bool:
-    start, end = (
-        (request.from_id, request.to_id)
-        if isinstance(request, RequestBackfill)
-        else (request.start_ms, request.end_ms)
-    )
-    return sum(r.to_id - r.from_id + 1 for r in lost) < end - start + 1
+        return GapReason.REST_BAD_RESPONSE
+    return GapReason.REST_UNAVAILABLE

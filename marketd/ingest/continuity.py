@@ -5,6 +5,7 @@ and from REST backfill, and returns actions: emit in strictly increasing id orde
 request a backfill for a missing id range, publish a gap record. Duplicates are dropped and
 counted. `KlineGate` and `TickerDedup` drop the overlap for klines and tickers and find the
 closed klines a reconnect missed. Nothing here blocks; state lives until the object is dropped.
+The requests, lost ranges, gap kinds and reasons are gap repair's vocabulary (repair.py).
 
 Per-symbol guarantee of `TradeGate` (what `marketd verify tape` checks): each symbol's trades are
 emitted with strictly increasing ids, each id at most once; an id is skipped only after a gap
@@ -29,6 +30,7 @@ from typing import Final, Generic, NamedTuple, TypeVar
 import attrs
 from prometheus_client import CollectorRegistry
 
+from marketd.ingest.repair import GapKind, GapReason, LostRange, RequestBackfill, RequestKlines
 from marketd.metrics import MetricsFactory
 from marketd.records import SCHEMA_VERSION, GapRecord
 
@@ -65,29 +67,6 @@ class Emit(NamedTuple, Generic[R]):
 
 
 @attrs.frozen
-class RequestBackfill:
-    """Fetch trade ids from_id..to_id (inclusive) of `symbol` over REST."""
-
-    symbol: str
-    from_id: int
-    to_id: int
-    kind: str  # "trades" (historicalTrades) | "agg_trades" (aggTrades)
-    reason: str  # "reconnect" | "id_jump" | "restart"
-
-
-@attrs.frozen
-class RequestKlines:
-    """Fetch the klines of `stream` with open time in [start_ms, end_ms] over REST (all closed)."""
-
-    stream: str
-    symbol: str
-    interval: str
-    start_ms: int
-    end_ms: int
-    reason: str
-
-
-@attrs.frozen
 class PublishGap:
     """Publish `gap` to the gaps topic (it is already counted in marketd_gaps_total)."""
 
@@ -103,14 +82,6 @@ class Quarantine(Generic[R]):
 
 
 Action = Emit[R] | RequestBackfill | RequestKlines | PublishGap | Quarantine[R]
-
-
-class LostRange(NamedTuple):
-    """Ids a backfill could not recover, and why ("history_too_old", "rest_unavailable", ...)."""
-
-    from_id: int
-    to_id: int
-    reason: str
 
 
 def _wall_ms() -> int:
@@ -217,18 +188,18 @@ class TradeGate(Generic[R]):
     def __init__(
         self,
         *,
-        kind: str = "trades",
+        kind: str = GapKind.TRADES,
         gap_grace_s: float = DEFAULT_GAP_GRACE_S,
         max_held: int = DEFAULT_MAX_HELD,
         metrics: MetricsFactory | None = None,
         wall_ms: Callable[[], int] = _wall_ms,
     ) -> None:
-        if kind not in ("trades", "agg_trades"):
+        if kind not in (GapKind.TRADES, GapKind.AGG_TRADES):
             raise ValueError(f"kind must be trades or agg_trades, not {kind!r}")
         self.kind = kind
         self.gap_grace_s = gap_grace_s
         self.max_held = max_held
-        self._stream_suffix = "@trade" if kind == "trades" else "@aggTrade"
+        self._stream_suffix = "@trade" if kind == GapKind.TRADES else "@aggTrade"
         self._state: dict[str, _Trades[R]] = {}
         self._wall_ms = wall_ms
         self._m = _gap_metrics(metrics)
@@ -363,7 +334,7 @@ class TradeGate(Generic[R]):
             return out
         for r in lost:
             self._lose(st, max(r.from_id, from_id), min(r.to_id, to_id), r.reason)
-        self._lose(st, from_id, to_id, "not_on_rest")
+        self._lose(st, from_id, to_id, GapReason.NOT_ON_REST)
         self._drain(symbol, st, out)
         return out
 
@@ -383,7 +354,7 @@ class TradeGate(Generic[R]):
                 self._due(symbol, st, now, out)
         return out
 
-    def flush(self, reason: str = "shutdown") -> list[Action[R]]:
+    def flush(self, reason: str = GapReason.SHUTDOWN) -> list[Action[R]]:
         """Give up every open gap now (at shutdown): gap records, then every held trade."""
         out: list[Action[R]] = []
         for symbol, st in self._state.items():
@@ -487,7 +458,7 @@ class TradeGate(Generic[R]):
         what it holds is released first; its pending backfills no longer apply."""
         assert st.last is not None
         if st.holes:
-            self._lose(st, st.last + 1, st.top, "tape_reset")
+            self._lose(st, st.last + 1, st.top, GapReason.TAPE_RESET)
             self._drain(symbol, st, out)
         self._resets.inc()
         st.held.clear()
@@ -531,7 +502,13 @@ class TradeGate(Generic[R]):
         st.held[trade_id] = (record, backfill, trade_time)
         if trade_id > st.top + 1:
             restart = st.top == st.seed
-            reason = "restart" if restart else "reconnect" if st.reconnected else "id_jump"
+            reason = (
+                GapReason.RESTART
+                if restart
+                else GapReason.RECONNECT
+                if st.reconnected
+                else GapReason.ID_JUMP
+            )
             # After a restart or a reconnect nobody else will fill the hole: request it without
             # grace.
             since = now - self.gap_grace_s if restart or st.reconnected else now
@@ -588,7 +565,7 @@ class TradeGate(Generic[R]):
         # held trades after it are released; a late backfill for it is then a duplicate.
         while len(st.held) > self.max_held and st.holes:
             front = st.holes[0]
-            self._lose(st, front.from_id, front.to_id, "hold_overflow")
+            self._lose(st, front.from_id, front.to_id, GapReason.HOLD_OVERFLOW)
             self._drain(symbol, st, out)
 
     def _drain(self, symbol: str, st: _Trades[R], out: list[Action[R]]) -> None:
@@ -690,8 +667,8 @@ class KlineGate(Generic[R]):
         self.memory = memory
         self._state: dict[str, _Klines] = {}
         self._m = _gap_metrics(metrics)
-        self._dup_live = self._m.duplicates.labels("klines", "live")
-        self._dup_backfill = self._m.duplicates.labels("klines", "backfill")
+        self._dup_live = self._m.duplicates.labels(GapKind.KLINES, "live")
+        self._dup_backfill = self._m.duplicates.labels(GapKind.KLINES, "backfill")
         self._wall_ms = _wall_ms
 
     def on_reconnect(self, stream: str | None = None) -> None:
@@ -733,7 +710,9 @@ class KlineGate(Generic[R]):
             # Closed klines with open time in [floor, open_time) were due while we were away.
             if floor is not None and floor < open_time:
                 out.append(
-                    RequestKlines(stream, symbol, interval, floor, open_time - 1, "reconnect")
+                    RequestKlines(
+                        stream, symbol, interval, floor, open_time - 1, GapReason.RECONNECT
+                    )
                 )
         self._remember(st, open_time, event_time, final)
         out.append(Emit(record))
@@ -759,13 +738,13 @@ class KlineGate(Generic[R]):
         """Gap records (repaired=false) for the open-time ranges the backfill could not get."""
         out: list[Action[R]] = []
         for r in lost:
-            self._m.gaps.labels("klines", r.reason, "false").inc()
+            self._m.gaps.labels(GapKind.KLINES, r.reason, "false").inc()
             out.append(
                 PublishGap(
                     GapRecord(
                         symbol=request.symbol,
                         stream=request.stream,
-                        kind="klines",
+                        kind=GapKind.KLINES,
                         from_id=r.from_id,
                         to_id=r.to_id,
                         from_time=r.from_id,

@@ -3,39 +3,48 @@
 Receives decoded `Outgoing` records (with their identity), reconnect notices from the sources
 and backfill results; emits records in per-symbol id order with overlap duplicates dropped,
 backfill requests for the backfill task, gap records for the gaps topic, and dead-letter records
-for the trades the trade gate quarantines as implausible. Pure apart from the clock passed in; the
-decode task owns it. `seed_trades()` at start-up continues the tape a previous
-process published. At drain, `flush()` releases every held record behind an unrepaired gap record,
-so nothing accepted is kept back.
+for the trades the trade gate quarantines as implausible. Pure (the request and result types are
+repair.py's, no REST client) apart from the clock passed in; the decode task owns it.
+`seed_trades()` at start-up continues the tape a previous process published. At drain, `flush()`
+releases every held record behind an unrepaired gap record, so nothing accepted is kept back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import msgspec
 
-from marketd.ingest.backfill import BACKFILL_HEADER, BackfillResult, route_result
 from marketd.ingest.continuity import (
     Action,
     Emit,
     KlineGate,
     PublishGap,
     Quarantine,
-    RequestBackfill,
-    RequestKlines,
     TickerDedup,
     TradeGate,
 )
 from marketd.ingest.decode import Outgoing, Reason, dlq_record
+from marketd.ingest.repair import (
+    BACKFILL_HEADER,
+    BackfillResult,
+    GapReason,
+    Request,
+    RequestBackfill,
+    RequestKlines,
+    TradeBackfill,
+    record_id,
+)
 from marketd.ingest.streams import StreamKind, StreamSpec
 from marketd.metrics import MetricsFactory
 
 _encode = msgspec.json.Encoder().encode
 
-Request = RequestBackfill | RequestKlines
+R = TypeVar("R")
+
+__all__ = ["Reconnected", "Request", "TapeKeeper", "route_result"]
 
 
 class _Stream(msgspec.Struct):
@@ -145,7 +154,7 @@ class TapeKeeper:
         self._apply(self.trades.tick(now), out, now)
         return out
 
-    def flush(self, reason: str = "shutdown") -> list[Outgoing]:
+    def flush(self, reason: str = GapReason.SHUTDOWN) -> list[Outgoing]:
         out: list[Outgoing] = []
         self._apply(self.trades.flush(reason), out, 0.0)
         return out
@@ -192,9 +201,44 @@ class TapeKeeper:
                     request.symbol,
                     request.from_id,
                     request.to_id,
-                    "backfill_unavailable",
+                    GapReason.BACKFILL_UNAVAILABLE,
                     now=now,
                 ),
                 out,
                 now,
             )
+
+
+def route_result(
+    result: BackfillResult,
+    *,
+    trades: TradeGate[R] | None,
+    klines: KlineGate[R] | None,
+    wrap: Callable[[Any], R],
+    now: float,
+) -> list[Action[R]]:
+    """Feed one backfill result into its gate; `wrap` turns a record into the gate's R.
+
+    `trades` is the gate of the request's kind (trades or agg_trades). A result for a gate the
+    caller does not have is an error in the wiring.
+    """
+    if isinstance(result, TradeBackfill):
+        if trades is None:
+            raise ValueError(f"no trade gate for {result.request}")
+        req = result.request
+        actions = trades.on_backfill(
+            req.symbol, [(record_id(r), r.trade_time, wrap(r)) for r in result.records], now=now
+        )
+        if result.final:
+            actions += trades.on_backfill_done(
+                req.symbol, req.from_id, req.to_id, result.lost, now=now
+            )
+        return actions
+    if klines is None:
+        raise ValueError(f"no kline gate for {result.request}")
+    actions = klines.on_backfill(
+        result.request.stream, [(k.open_time, wrap(k)) for k in result.records]
+    )
+    if result.final:
+        actions += klines.on_backfill_done(result.request, result.lost)
+    return actions
