@@ -38,18 +38,12 @@ from typing import Any
 
 import httpx
 import trio
+from _common import ROOT, SYMBOLS  # first: puts the repository on sys.path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from marketd.testing.samples import ticker_record
+from marketd.tickers.redis_server import RedisProcess, free_port
+from marketd.tickers.store import TickerStore
 
-from marketd.testing.samples import ticker_record  # noqa: E402
-from marketd.tickers.redis_server import RedisProcess, free_port  # noqa: E402
-from marketd.tickers.store import TickerStore  # noqa: E402
-
-SYMBOLS = [
-    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT",
-    "DOTUSDT", "MATICUSDT", "LINKUSDT", "LTCUSDT", "UNIUSDT", "ATOMUSDT", "SHIBUSDT",
-]  # fmt: skip
 FASTAPI_VENV = Path("/tmp/marketd-bench-fastapi")
 
 BARE_APP = """

@@ -35,35 +35,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import trio
+from _common import SYMBOLS, pct  # first: puts the repository on sys.path
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from marketd.testing.samples import ticker_record  # noqa: E402
-from marketd.tickers.redis_server import RedisProcess, free_port  # noqa: E402
-
-SYMBOLS = [
-    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT",
-    "DOTUSDT", "MATICUSDT", "LINKUSDT", "LTCUSDT", "UNIUSDT", "ATOMUSDT", "SHIBUSDT",
-]  # fmt: skip
-
+from marketd.testing.samples import ticker_record
+from marketd.tickers.redis_server import RedisProcess, free_port
 
 # The reader's poll interval: it bounds the "seen" error and costs CPU on a 2-core box.
 READER_INTERVAL_S = 0.001
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # -- the paced exchange ---------------------------------------------------------------------

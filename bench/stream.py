@@ -36,32 +36,12 @@ from pathlib import Path
 
 import httpx
 import trio
+from _common import SYMBOLS, pct, proc_stats  # first: puts the repository on sys.path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from marketd.testing.samples import ticker_record  # noqa: E402
-from marketd.tickers.redis_server import RedisProcess, free_port  # noqa: E402
-from marketd.tickers.store import TickerStore  # noqa: E402
-from tests.support.sse import SSEClient  # noqa: E402
-
-SYMBOLS = [
-    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT",
-    "DOTUSDT", "MATICUSDT", "LINKUSDT", "LTCUSDT", "UNIUSDT", "ATOMUSDT", "SHIBUSDT",
-]  # fmt: skip
-
-
-def proc_stats(pid: int) -> tuple[float, float]:
-    """(RSS MiB, CPU seconds user+system) of a process, from /proc."""
-    rss_kib = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss_kib = int(line.split()[1])
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return rss_kib / 1024, (int(fields[11]) + int(fields[12])) / ticks
+from marketd.testing.samples import ticker_record
+from marketd.tickers.redis_server import RedisProcess, free_port
+from marketd.tickers.store import TickerStore
+from tests.support.sse import SSEClient
 
 
 def start_api(
@@ -273,11 +253,6 @@ class Workers:
             run.ended += summary["ended"]
             run.events += summary["events"]
         return run
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def fanout(
