@@ -336,7 +336,11 @@ class Decoder:
             spec = parse_stream(stream)
         except StreamNameError as exc:
             raise Reject(Reason.UNSUPPORTED_STREAM, str(exc)) from None
-        cls = _PAYLOAD[spec.kind]
+        cls = _PAYLOAD.get(spec.kind)
+        if cls is None:  # a kind the tape does not decode (depth: the order books' own path)
+            raise Reject(
+                Reason.UNSUPPORTED_STREAM, f"{spec.kind.value} streams are not decoded here"
+            )
         builders = {
             StreamKind.TRADE: self._trade,
             StreamKind.KLINE: self._kline,
