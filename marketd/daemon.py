@@ -96,9 +96,10 @@ async def _postgres(cfg: Config) -> AsyncIterator[Config]:
     if not needed or cfg.analytics.postgres_dsn.strip().lower() != "embedded":
         yield cfg
         return
+    from marketd.analytics.jobs import spark_dir
     from marketd.analytics.postgres import embedded_postgres, with_postgres_dsn
 
-    async with embedded_postgres(cfg.analytics.postgres_dir) as dsn:
+    async with embedded_postgres(cfg.analytics.postgres_dir, spark_dir(cfg)) as dsn:
         yield with_postgres_dsn(cfg, dsn)
 
 

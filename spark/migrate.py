@@ -1,13 +1,14 @@
 """python spark/migrate.py --dsn postgresql://... : create or upgrade the analytics tables.
 
-Applies spark/migrations/*.sql not applied yet (tracked in schema_migrations); safe to rerun.
+Applies marketd_spark/migrations/*.sql not applied yet (tracked in schema_migrations); safe to
+rerun.
 """
 
 import argparse
 import os
 import sys
 
-from marketd_spark.sinks.postgres import migrate
+from marketd_spark.migrations import migrate
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

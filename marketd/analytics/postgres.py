@@ -4,13 +4,15 @@
 127.0.0.1 and a free port as a guarded child (it stops when marketd dies, however it dies), and
 stops it on close (fast shutdown).
 initdb refuses to run as root: as root the server runs as the `postgres` user (runuser).
-`apply_migrations` brings the analytics tables up to date from spark/migrations/*.sql.
+`apply_migrations` brings the analytics tables up to date with the Spark jobs' own migrations and
+runner (spark/marketd_spark/migrations, found under `analytics.spark_dir`: one schema, one runner).
 `embedded_postgres` wraps both for the trio daemon and yields the DSN.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -21,11 +23,14 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import attrs
 import trio
 
+from marketd.analytics.jobs import SPARK_DIR
 from marketd.config import Config
 from marketd.errors import FatalComponentError, MissingDependency
 from marketd.logs import get_logger
@@ -36,11 +41,11 @@ log = get_logger(__name__)
 INSTALL_HINT = (
     "install the server with: apt-get install postgresql (Debian/Ubuntu) or brew install postgresql"
 )
-# The Spark jobs' migrations (spark/migrations/*.sql) in this checkout.
-MIGRATIONS = Path(__file__).resolve().parents[2] / "spark" / "migrations"
-# Shared with spark/marketd_spark/sinks/postgres.py (spark/ and marketd import nothing from each
-# other): the same schema_migrations table and advisory lock, so either side may migrate first.
-_MIGRATION_LOCK = 0x6D61726B
+# Where the Spark package keeps its migrations (SQL files + runner) under a spark/ directory.
+MIGRATIONS_IN_SPARK_DIR = Path("marketd_spark", "migrations")
+# The Spark jobs' migrations in this checkout (analytics.spark_dir = '').
+MIGRATIONS = SPARK_DIR / MIGRATIONS_IN_SPARK_DIR
+MIGRATE_CONNECT_TIMEOUT_S = 10.0
 _RUN_AS = "postgres"
 
 
@@ -219,28 +224,34 @@ class PostgresCluster:
         self.close()
 
 
-def apply_migrations(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
-    """Apply the *.sql files not applied yet (schema_migrations), in name order; returns them."""
-    import psycopg
+def migrations_dir(spark_dir: Path = SPARK_DIR) -> Path:
+    """The migrations of the Spark package under `spark_dir` (analytics.spark_dir)."""
+    return spark_dir / MIGRATIONS_IN_SPARK_DIR
 
-    applied: list[str] = []
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
-        try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
-            for path in sorted(directory.glob("*.sql")):
-                if path.name in done:
-                    continue
-                with conn.transaction():
-                    conn.execute(path.read_text(encoding="utf-8").encode())
-                    conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
-                applied.append(path.name)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+@cache
+def _runner(directory: Path) -> ModuleType:
+    """The Spark package's migration runner, loaded from its file: marketd does not import the
+    Spark package (nor put spark/ on sys.path); the runner needs only psycopg."""
+    spec = importlib.util.spec_from_file_location(
+        "marketd_spark_migrations", directory / "__init__.py"
+    )
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no migration runner in {directory}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def apply_migrations(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
+    """Apply the *.sql files not applied yet (schema_migrations), in name order; returns them.
+
+    Runs the Spark package's own runner (spark/marketd_spark/migrations/__init__.py): the same
+    table and advisory lock as the jobs' sinks, so either side may migrate first.
+    """
+    applied: list[str] = _runner(directory.resolve()).migrate(
+        dsn, directory, connect_timeout_s=MIGRATE_CONNECT_TIMEOUT_S
+    )
     return applied
 
 
@@ -250,10 +261,12 @@ def with_postgres_dsn(cfg: Config, dsn: str) -> Config:
 
 
 @asynccontextmanager
-async def embedded_postgres(directory: str = "") -> AsyncIterator[str]:
-    """Start a private PostgreSQL (in `directory`, or a temporary one), migrate it, yield its DSN;
-    stop it on exit."""
+async def embedded_postgres(directory: str = "", spark_dir: Path = SPARK_DIR) -> AsyncIterator[str]:
+    """Start a private PostgreSQL (in `directory`, or a temporary one), migrate it with the Spark
+    package's migrations under `spark_dir` (analytics.spark_dir), yield its DSN; stop it on exit."""
     import psycopg
+
+    migrations = migrations_dir(spark_dir)
 
     cluster = PostgresCluster(directory or None)
     try:
@@ -261,17 +274,18 @@ async def embedded_postgres(directory: str = "") -> AsyncIterator[str]:
             await trio.to_thread.run_sync(cluster.start)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             raise FatalComponentError(f"embedded PostgreSQL did not start: {exc}") from exc
-        if MIGRATIONS.is_dir():
+        if (migrations / "__init__.py").is_file():
             try:
-                applied = await trio.to_thread.run_sync(apply_migrations, cluster.dsn)
+                applied = await trio.to_thread.run_sync(apply_migrations, cluster.dsn, migrations)
             except psycopg.Error as exc:
                 raise FatalComponentError(f"embedded PostgreSQL: migration failed: {exc}") from exc
             log.info("postgres.migrated", applied=",".join(applied) or "none (up to date)")
         else:
             log.warning(
                 "postgres.no_migrations",
-                directory=str(MIGRATIONS),
-                detail="not a source checkout: the Spark jobs create the tables when they start",
+                directory=str(migrations),
+                detail="no Spark package there (set analytics.spark_dir to a checkout's spark/): "
+                "the Spark jobs create the tables when they start",
             )
         yield cluster.dsn
     finally:
@@ -285,5 +299,6 @@ __all__ = [
     "PostgresCluster",
     "apply_migrations",
     "embedded_postgres",
+    "migrations_dir",
     "with_postgres_dsn",
 ]

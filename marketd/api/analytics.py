@@ -1,9 +1,10 @@
 """Market and analytics endpoints over the Spark jobs' stores (blueprint mounted by app.py).
 
-Reads PostgreSQL warm storage (trade_aggregates, indicators, anomalies; spark/migrations) and the
-Redis latest values the jobs write (`<prefix>:agg:<SYMBOL>:<interval>`). Every blocking call runs in
-a worker thread (trio.to_thread) under its own CapacityLimiter; PostgreSQL connections are reused
-from a small pool that is closed after serving. Errors are JSON: 400 for bad input, 503
+Reads PostgreSQL warm storage (trade_aggregates, indicators, anomalies;
+spark/marketd_spark/migrations) and the Redis latest values the jobs write
+(`<prefix>:agg:<SYMBOL>:<interval>`). Every blocking call runs in a worker thread
+(trio.to_thread) under its own CapacityLimiter; PostgreSQL connections are reused from a small
+pool that is closed after serving. Errors are JSON: 400 for bad input, 503
 `storage_unavailable` when a store is not configured or does not answer.
 """
 

@@ -13,7 +13,14 @@ import pytest
 import trio
 
 from marketd.analytics import postgres
-from marketd.analytics.postgres import PostgresCluster, apply_migrations, embedded_postgres
+from marketd.analytics.jobs import SPARK_DIR
+from marketd.analytics.postgres import (
+    MIGRATIONS,
+    PostgresCluster,
+    apply_migrations,
+    embedded_postgres,
+    migrations_dir,
+)
 from marketd.errors import MissingDependency
 
 pytestmark = pytest.mark.postgres
@@ -38,6 +45,32 @@ async def test_embedded_server_is_migrated_and_gone_after_exit() -> None:
         assert not await trio.Path(root).exists()  # the temporary cluster is removed
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(dsn, connect_timeout=2)
+
+
+def test_the_daemon_migrates_with_the_spark_packages_own_runner_and_files() -> None:
+    """One schema, one runner: spark/marketd_spark/migrations, also where the daemon looks."""
+    assert MIGRATIONS == migrations_dir() == SPARK_DIR / "marketd_spark" / "migrations"
+    runner = postgres._runner(MIGRATIONS.resolve())
+    assert Path(runner.__file__ or "") == MIGRATIONS / "__init__.py"
+    assert runner.DIRECTORY == MIGRATIONS
+    assert sorted(p.name for p in MIGRATIONS.glob("*.sql"))[:2] == [
+        "001_analytics.sql",
+        "002_indicator_columns.sql",
+    ]
+
+
+async def test_the_migrations_come_from_the_configured_spark_dir(tmp_path: Path) -> None:
+    """analytics.spark_dir elsewhere (an install without this checkout): its migrations apply;
+    without a Spark package there the server starts unmigrated (the jobs create the tables)."""
+    spark_dir = tmp_path / "spark"
+    shutil.copytree(MIGRATIONS, migrations_dir(spark_dir))
+    (migrations_dir(spark_dir) / "999_marker.sql").write_text("CREATE TABLE marker (x int);\n")
+    with trio.fail_after(120):
+        async with embedded_postgres(spark_dir=spark_dir) as dsn:
+            tables = await trio.to_thread.run_sync(_tables, dsn)
+            assert {"trade_aggregates", "marker", "schema_migrations"} <= tables
+        async with embedded_postgres(spark_dir=tmp_path / "nowhere") as dsn:
+            assert await trio.to_thread.run_sync(_tables, dsn) == set()
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 Statically: every column the API selects from trade_aggregates, indicators and anomalies is one
 the matching job upserts (its `Table.pg_columns`), and the Redis aggregate fields the API
 converts to integers are columns of the aggregation rows the job stores there. Against a real
-PostgreSQL with the jobs' migrations (spark/migrations) applied: every column a job upserts
-exists, and every API query runs.
+PostgreSQL with the jobs' migrations (spark/marketd_spark/migrations) applied: every column a
+job upserts exists, and every API query runs.
 """
 
 from __future__ import annotations

@@ -1,43 +1,19 @@
 """Warm storage: idempotent upserts into PostgreSQL, one transaction per micro-batch.
 
 Rows are keyed by symbol + window (the table's ON CONFLICT target), so a replayed batch updates the
-rows it wrote before instead of duplicating them. The schema comes from spark/migrations/*.sql,
-applied at start-up (idempotent, under an advisory lock) or by `python spark/migrate.py`.
+rows it wrote before instead of duplicating them. The schema is marketd_spark/migrations (SQL
+files and their one runner, `migrate`), applied at start-up (idempotent, under an advisory lock)
+or by `python spark/migrate.py`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import psycopg
 
+from marketd_spark.migrations import migrate
 from marketd_spark.sinks import Row, Table
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
-_LOCK_ID = 0x6D61726B  # "mark": serialises concurrent migrators
-
-
-def migrate(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
-    """Apply the migrations not applied yet, in file-name order; returns the ones applied."""
-    applied: list[str] = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
-        try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
-            for path in sorted(directory.glob("*.sql")):
-                if path.name in done:
-                    continue
-                with conn.transaction():
-                    conn.execute(path.read_text(encoding="utf-8"))
-                    conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
-                applied.append(path.name)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
-    return applied
+__all__ = ["PostgresSink", "migrate", "upsert", "upsert_sql"]
 
 
 def upsert_sql(table: Table, key: tuple[str, ...] = ()) -> str:
