@@ -23,7 +23,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from marketd.api import dashboard, openapi, stream
+from marketd.api import book, dashboard, openapi, stream
 from marketd.api.reader import TickerReader
 from marketd.api.views import (
     BadSymbol,
@@ -110,6 +110,8 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/api/v1/ticker/"):
         return "/api/v1/ticker/{symbol}"
+    if path.startswith("/api/v1/book/"):
+        return "/api/v1/book/{symbol}"
     return "other"
 
 
@@ -167,8 +169,11 @@ def create_app(rt: Runtime, *, reader: TickerReader | None = None) -> QuartTrio:
     app.config["JSONIFY_MIMETYPE"] = _JSON
 
     # The push API (SSE, raw ASGI in front of Quart) and the dashboard page: marketd/api/stream.py.
-    app.register_blueprint(dashboard.create_blueprint(rt))
-    app.asgi_app = stream.mount(app, rt, tracked)  # type: ignore[method-assign]
+    # Order books (marketd/api/book.py): GET /api/v1/book/{symbol}, its stream, the page's panel.
+    books = book.settings(rt)
+    app.register_blueprint(book.create_blueprint(rt, books))
+    app.register_blueprint(dashboard.create_blueprint(rt, books.symbols))
+    app.asgi_app = stream.mount(app, rt, tracked, books)  # type: ignore[method-assign]
     app.asgi_app = RequestMetrics(app.asgi_app, *_api_metrics(rt.metrics))  # type: ignore[method-assign]
 
     @app.before_serving

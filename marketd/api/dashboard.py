@@ -51,7 +51,7 @@ STAT_FAMILIES: Final = (
 _encode = msgspec.json.Encoder().encode
 
 
-def stats(rt: Runtime) -> dict[str, Any]:
+def stats(rt: Runtime, books: tuple[str, ...] = ()) -> dict[str, Any]:
     """Current values of STAT_FAMILIES in this process, by family and label set.
 
     An API-only process has no ingest: its families are simply absent and the page says so.
@@ -70,13 +70,14 @@ def stats(rt: Runtime) -> dict[str, Any]:
         "now_ms": time.time_ns() // 1_000_000,
         "components": list(rt.config.components.enabled()),
         "symbols": list(rt.config.tickers.symbols),
+        "books": list(books),  # symbols with an order book (the page's book panel)
         # The klines panel asks the analytics API only when warm storage is configured.
         "klines": bool(getattr(getattr(rt.config, "analytics", None), "postgres_dsn", "")),
         "series": out,
     }
 
 
-def create_blueprint(rt: Runtime) -> Blueprint:
+def create_blueprint(rt: Runtime, books: tuple[str, ...] = ()) -> Blueprint:
     bp = Blueprint("dashboard", __name__)
     # Read once: the assets are small and checked in; a missing one is a packaging error.
     index = (STATIC / "index.html").read_bytes()
@@ -102,7 +103,7 @@ def create_blueprint(rt: Runtime) -> Blueprint:
     @bp.get("/api/v1/dashboard/stats")
     async def dashboard_stats() -> Response:
         return Response(
-            _encode(stats(rt)),
+            _encode(stats(rt, books)),
             status=200,
             content_type="application/json",
             headers={"Cache-Control": "no-store"},

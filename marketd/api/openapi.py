@@ -120,6 +120,15 @@ _SYMBOL_PARAM = {
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9]{2,30}$"},
 }
 
+_DEPTH_PARAM = {
+    "name": "depth",
+    "in": "query",
+    "required": False,
+    "description": "levels per side, 1 to the stored depth (book.redis_depth, default 20); "
+    "default: every stored level",
+    "schema": {"type": "integer", "minimum": 1},
+}
+
 OPENAPI_PATHS: Final[dict[str, Any]] = {
     "/api/v1/ticker/{symbol}": {
         "get": {
@@ -257,12 +266,68 @@ OPENAPI_PATHS: Final[dict[str, Any]] = {
             },
         }
     },
+    "/api/v1/book/{symbol}": {
+        "get": {
+            "summary": "One order book's top levels, as last written to Redis book:{SYMBOL}",
+            "description": (
+                "The local book marketd keeps from the diff depth stream, its top levels as the "
+                "book writer stored them after an applied batch. 503 `out_of_sync` (with the "
+                "reason) while the book resynchronises with the exchange. See docs/books.md."
+            ),
+            "parameters": [_SYMBOL_PARAM, _DEPTH_PARAM],
+            "responses": {
+                "200": _json("Book", "the stored book"),
+                "400": _json("Error", "malformed symbol (invalid_symbol) or depth (invalid_depth)"),
+                "404": _json("Error", "no book kept for this symbol, or none stored yet (no_data)"),
+                "500": _json("Error", "the stored hash is not a book (corrupt_book)"),
+                "503": _json("OutOfSync", "the book is resynchronising, or Redis unavailable"),
+            },
+        }
+    },
     "/api/v1/stream/book/{symbol}": {
         "get": {
-            "summary": "Reserved: order-book stream (top-N on each applied batch)",
-            "description": "Answers 404 `not_available` until order books are built.",
-            "parameters": [_SYMBOL_PARAM],
-            "responses": {"404": _json("Error", "order books are not built by this version")},
+            "summary": "Server-Sent Events: a book snapshot, then one event per stored book",
+            "description": (
+                "`text/event-stream`. Events: `snapshot` (data: BookSnapshot, id: the last "
+                "update id of `books:updates` at that instant), then `book` (data: Book with "
+                "age_ms at send time, in_sync and reason, id: the entry in the Redis stream "
+                "`books:updates`), `status` (Redis unavailable or back, followed by a fresh "
+                "`snapshot`), and `: keep-alive` comments every 15 s. A client behind gets the "
+                "newest book (intermediate ones are conflated); one behind for more than 10 s "
+                "is disconnected. `Last-Event-ID` resumes with the newest book stored since, "
+                "or a fresh snapshot when that id is no longer in the stream. The client cap "
+                "is shared with the other streams. See docs/streaming.md."
+            ),
+            "parameters": [
+                _SYMBOL_PARAM,
+                _DEPTH_PARAM,
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "the last `id:` received; sent by EventSource on reconnect",
+                    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "the event stream",
+                    "content": {
+                        "text/event-stream": {
+                            "schema": {"type": "string"},
+                            "x-events": {
+                                "snapshot": {"$ref": "#/components/schemas/BookSnapshot"},
+                                "book": {"$ref": "#/components/schemas/Book"},
+                                "status": {"$ref": "#/components/schemas/StreamStatus"},
+                            },
+                        }
+                    },
+                },
+                "400": _json("Error", "malformed symbol or depth"),
+                "404": _json("Error", "no book kept for this symbol"),
+                "405": _json("Error", "not GET"),
+                "503": _json("Error", "too many streams on this process, or not running"),
+            },
         }
     },
     "/api/v1/dashboard/stats": {
@@ -273,6 +338,49 @@ OPENAPI_PATHS: Final[dict[str, Any]] = {
     },
 }
 
+_LEVELS = {
+    "type": "array",
+    "description": "[[price, quantity], ...], best first, exact decimal strings",
+    "items": {"type": "array", "items": _STR, "minItems": 2, "maxItems": 2},
+}
+SCHEMAS["Book"] = {
+    "type": "object",
+    "required": ["symbol", "last_update_id", "event_time", "bids", "asks", "age_ms", "in_sync"],
+    "properties": {
+        "symbol": _STR,
+        "last_update_id": {**_INT, "description": "Binance's update id the book is at (u)"},
+        "event_time": {**_INT, "description": "exchange time of the last applied event, epoch "
+                       "ms (0: unknown)"},
+        "updated_at": {**_INT, "description": "when written to Redis, epoch ms"},
+        "bids": _LEVELS,
+        "asks": _LEVELS,
+        "age_ms": {**_INT, "description": "now - event_time (or - updated_at when unknown)"},
+        "in_sync": {"type": "boolean", "description": "false while the book resynchronises"},
+        "reason": {"type": ["string", "null"], "description": "why it is out of sync"},
+    },
+}  # fmt: skip
+SCHEMAS["BookSnapshot"] = {
+    "type": "object",
+    "required": ["symbol", "book"],
+    "properties": {
+        "symbol": _STR,
+        "book": {
+            "oneOf": [{"$ref": "#/components/schemas/Book"}, {"type": "null"}],
+            "description": "null: no book stored yet (or expired)",
+        },
+    },
+}
+SCHEMAS["OutOfSync"] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"enum": ["out_of_sync", "redis_unavailable"]},
+        "detail": _STR,
+        "reason": {**_STR, "description": "out_of_sync: why (gap, crossed, reconnect, ...)"},
+        "symbol": _STR,
+        "last_update_id": _INT,
+    },
+}
 SCHEMAS["StreamStatus"] = {
     "type": "object",
     "required": ["redis"],
@@ -323,7 +431,8 @@ def build_document(
         "info": {
             "title": "marketd",
             "version": version,
-            "description": "Real-time Binance market data: tickers from Redis, health, metrics.",
+            "description": "Real-time Binance market data: tickers and order books from Redis, "
+            "health, metrics.",
         },
         "paths": paths,
         "components": {"schemas": schemas},

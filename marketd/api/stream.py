@@ -2,7 +2,7 @@
 
     GET /api/v1/stream/tickers[?symbols=BTCUSDT,ETHUSDT]   snapshot, then one event per update
     GET /api/v1/stream/health                              component health on every change
-    GET /api/v1/stream/book/{symbol}                       seam for the order-book issue
+    GET /api/v1/stream/book/{symbol}[?depth=N]             snapshot, then one event per stored book
 
 Data flow: the ticker consumer's write script appends every stored update to the Redis stream
 `tickers:updates` (marketd/tickers/store.py). One `TickerHub` per API process follows that
@@ -11,7 +11,9 @@ update to every connected client's `ClientQueue` (marketd/api/fanout.py: conflat
 behind); each client's own task writes to its socket. A slow socket therefore blocks only its
 own task, and what waits for it is at most one update per symbol. The stream ids are the SSE
 `id:`s: a reconnecting EventSource sends `Last-Event-ID` and gets what changed since, or a fresh
-snapshot when that id is no longer in the stream (trimmed, or Redis lost its data).
+snapshot when that id is no longer in the stream (trimmed, or Redis lost its data). Order books
+work the same way with a second hub on `books:updates` (the book writer's stream,
+marketd/books/store.py); each book client follows one symbol, conflated to its newest book.
 
 Why raw ASGI instead of a Quart route: the hub must be able to end a client whose socket is
 full, i.e. cancel a `send` that is blocked; a Quart streaming response runs its generator
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs
 
@@ -32,6 +34,8 @@ import msgspec
 import trio
 from quart_trio import QuartTrio
 
+from marketd.api.book import BadDepth, BookPushed, BookSettings, book_view, parse_depth
+from marketd.api.book import settings as book_settings
 from marketd.api.fanout import (
     KEEPALIVE,
     ClientQueue,
@@ -43,8 +47,9 @@ from marketd.api.fanout import (
 )
 from marketd.api.views import BadSymbol, normalise_symbol, ticker_view
 from marketd.backoff import Backoff
+from marketd.books.store import BookStore
 from marketd.errors import StoreUnavailable
-from marketd.logs import get_logger
+from marketd.logs import Throttle, get_logger
 from marketd.metrics import MetricsFactory
 from marketd.runtime import Runtime
 from marketd.tickers.store import Snapshot, TickerStore, parse_update_id
@@ -115,21 +120,36 @@ class _SnapshotRequest:
         self.error: Exception | None = None
 
 
+UpdateStore = TickerStore | BookStore
+MakePushed = Callable[[str, str, Mapping[str, str]], Pushed | None]
+
+
 class TickerHub:
-    """Follows `tickers:updates` and fans each update out to every connected client."""
+    """Follows `tickers:updates` and fans each update out to every connected client.
+
+    The book hub is one too, on `books:updates` (`stream="book"`, `pushed` makes BookPushed).
+    """
 
     def __init__(
         self,
-        tail: TickerStore,
-        reads: TickerStore,
+        tail: UpdateStore,
+        reads: UpdateStore,
         metrics: StreamMetrics,
         limits: StreamLimits,
         *,
         tracked: tuple[str, ...] = (),
+        stream: str = "tickers",
+        source: str = "tickers:updates",
+        pushed: MakePushed = Pushed.from_fields,
     ) -> None:
         self._tail = tail
         self._reads = reads
         self.tracked = tracked
+        self.stream = stream  # the `stream` label of the client and event metrics
+        self.source = source
+        self._pushed = pushed
+        self.peer: TickerHub | None = None  # the other hub: the client cap is per process
+        self._throttle = Throttle(60.0)
         self._snap_waiting: list[_SnapshotRequest] = []
         self._snap_wakeup = trio.Event()
         self._tail_limiter = trio.CapacityLimiter(1)
@@ -151,19 +171,22 @@ class TickerHub:
 
     def full(self) -> bool:
         total = len(self.clients) + self.parked + self.health_clients
+        if self.peer is not None:
+            peer = self.peer
+            total += len(peer.clients) + peer.parked + peer.health_clients
         return total >= self.limits.max_clients
 
     def subscribe(self, queue: ClientQueue, scope: trio.CancelScope) -> Client:
         client = Client(queue, scope)
         self.clients.add(client)
-        self.metrics.clients.labels("tickers").set(len(self.clients))
+        self.metrics.clients.labels(self.stream).set(len(self.clients))
         return client
 
     def unsubscribe(self, client: Client) -> None:
         if client.dropped is not None:
             self.parked -= 1
         self.clients.discard(client)
-        self.metrics.clients.labels("tickers").set(len(self.clients))
+        self.metrics.clients.labels(self.stream).set(len(self.clients))
 
     def drop(self, client: Client, reason: str) -> None:
         """Disconnect a client that is too far behind, at once for everything we own.
@@ -179,7 +202,7 @@ class TickerHub:
             self.metrics.dropped.labels(reason).inc()
             self.clients.discard(client)
             self.parked += 1
-            self.metrics.clients.labels("tickers").set(len(self.clients))
+            self.metrics.clients.labels(self.stream).set(len(self.clients))
             client.queue.take()
             client.scope.cancel()
 
@@ -271,7 +294,7 @@ class TickerHub:
                     # At start there is nobody to tell; after an outage, every client may
                     # have missed updates: each gets a fresh snapshot, never a silent gap.
                     self._resync_all()
-                    self._set_redis(True, "following tickers:updates")
+                    self._set_redis(True, f"following {self.source}")
                     backoff.reset()
                 batch = await trio.to_thread.run_sync(
                     self._tail.wait_updates, cursor, BLOCK_MS, limiter=self._tail_limiter
@@ -286,7 +309,18 @@ class TickerHub:
                 continue
             cursor = batch[-1].id
             self.updates += len(batch)
-            self.offer([Pushed.from_fields(u.id, u.symbol, u.fields) for u in batch if u.symbol])
+            self.offer(self._updates(batch))
+
+    def _updates(self, batch: list[Any]) -> list[Pushed]:
+        out: list[Pushed] = []
+        for u in batch:
+            update = self._pushed(u.id, u.symbol, u.fields) if u.symbol else None
+            if update is not None:
+                out.append(update)
+                continue
+            if self._throttle.should_log("unreadable", trio.current_time()) is not None:
+                log.error("stream.unreadable_update", source=self.source, id=u.id, symbol=u.symbol)
+        return out
 
     async def _sweep(self) -> None:
         """Once a second: drop clients behind for too long even when no update arrives."""
@@ -361,13 +395,23 @@ class StreamApp:
     """ASGI: the three stream paths; everything else goes to `app` (Quart)."""
 
     def __init__(
-        self, app: Any, rt: Runtime, hub: TickerHub | None, tracked: tuple[str, ...]
+        self,
+        app: Any,
+        rt: Runtime,
+        hub: TickerHub | None,
+        tracked: tuple[str, ...],
+        *,
+        book_hub: TickerHub | None = None,
+        books: BookSettings | None = None,
     ) -> None:
         self.app = app
         self.rt = rt
         self.hub = hub
         self.tracked = tracked
         self.tracked_set = frozenset(tracked)
+        self.book_hub = book_hub
+        self.books = books or BookSettings(())
+        self.book_symbols = frozenset(self.books.symbols)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -384,13 +428,7 @@ class StreamApp:
         elif path == HEALTH_PATH:
             await self._health(scope, receive, send)
         elif path.startswith(BOOK_PREFIX):
-            # The seam for the order-book issue: a BookHub with the same Client/queue shape
-            # (top-N per applied batch) plugs in here. Until books exist, say so.
-            await _json_response(
-                send,
-                404,
-                {"error": "not_available", "detail": "order books are not built by this version"},
-            )
+            await self._book(scope, receive, send)
         else:
             await _json_response(send, 404, {"error": "not_found", "detail": "no such stream"})
 
@@ -548,6 +586,169 @@ class StreamApp:
                 events.inc(len(updates))
             await send({"type": "http.response.body", "body": body, "more_body": True})
 
+    # -- order books ------------------------------------------------------------------------
+
+    def _book_request(
+        self, scope: dict[str, Any]
+    ) -> tuple[str, int | None] | tuple[int, dict[str, Any]]:
+        """(symbol, depth) of a book stream request, or (status, error body)."""
+        raw = scope["path"][len(BOOK_PREFIX) :]
+        try:
+            symbol = normalise_symbol(raw)
+        except BadSymbol:
+            return 400, {
+                "error": "invalid_symbol",
+                "detail": "a symbol is 2 to 30 letters or digits",
+                "symbol": raw[:64],
+            }
+        if symbol not in self.book_symbols:
+            return 404, {
+                "error": "unknown_symbol",
+                "detail": "no order book is kept for this symbol",
+                "symbol": symbol,
+            }
+        query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+        raw_depth = query["depth"][-1] if "depth" in query else None
+        try:
+            return symbol, parse_depth(raw_depth, self.books.redis_depth)
+        except BadDepth:
+            return 400, {
+                "error": "invalid_depth",
+                "detail": f"depth is an integer from 1 to {self.books.redis_depth}",
+                "depth": str(raw_depth)[:32],
+            }
+
+    async def _book(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """One symbol's book: a `snapshot`, then a `book` event per stored update (conflated
+        to the newest while the client is behind), resumable with Last-Event-ID."""
+        hub = self.book_hub
+        parsed = self._book_request(scope)
+        if isinstance(parsed[0], int):
+            status, body = parsed
+            assert isinstance(body, dict)
+            await _json_response(send, status, body)
+            return
+        symbol, depth = parsed
+        assert isinstance(symbol, str) and not isinstance(depth, dict)
+        if hub is None or hub.closing.is_set():
+            await _json_response(
+                send, 503, {"error": "unavailable", "detail": "the stream is not running"}
+            )
+            return
+        if hub.full():
+            hub.metrics.rejected.inc()
+            await _json_response(
+                send, 503, {"error": "too_many_streams", "detail": "try again later"}
+            )
+            return
+        last_event_id = _header(scope, b"last-event-id")
+        resume = parse_update_id(last_event_id) if last_event_id else None
+        queue = ClientQueue(
+            frozenset((symbol,)),
+            max_pending=hub.limits.max_pending,
+            max_behind_s=hub.limits.max_behind_s,
+        )
+        async with trio.open_nursery() as nursery:
+            client = hub.subscribe(queue, nursery.cancel_scope)
+            try:
+                nursery.start_soon(_wait_disconnect, receive, nursery.cancel_scope)
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                if scope["method"] == "HEAD":
+                    await send({"type": "http.response.body", "body": b""})
+                    nursery.cancel_scope.cancel()
+                    return
+                sent = 0
+                if resume is not None and last_event_id is not None:
+                    sent = await self._book_resume(client, symbol, depth, last_event_id, send)
+                if sent < 0 or resume is None:
+                    await self._book_resync(client, symbol, depth, send)
+                await self._book_push(client, symbol, depth, send)
+            finally:
+                hub.unsubscribe(client)
+                nursery.cancel_scope.cancel()
+
+    async def _book_resume(
+        self, client: Client, symbol: str, depth: int | None, after_id: str, send: Send
+    ) -> int:
+        """The newest book stored after `after_id`: events sent, or -1 when the id is unknown."""
+        hub = self.book_hub
+        assert hub is not None
+        try:
+            changes = await hub.read(hub._reads.changes_since, after_id, client.queue.symbols)
+        except (StoreUnavailable, trio.TooSlowError):
+            return -1
+        if not changes.known:
+            return -1
+        updates = [BookPushed.from_book_fields(u.id, u.symbol, u.fields) for u in changes.latest]
+        client.queue.reset(id_key(changes.last_id))
+        now = _now_ms()
+        chunk = b"".join(u.book_event(now, depth) for u in updates if u is not None)
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            hub.metrics.events.labels(hub.stream).inc(len(changes.latest))
+        return len(changes.latest)
+
+    async def _book_resync(
+        self, client: Client, symbol: str, depth: int | None, send: Send
+    ) -> None:
+        """A fresh `snapshot` of the book; while Redis cannot give one, a `status` event."""
+        hub = self.book_hub
+        assert hub is not None
+        told = False
+        while True:
+            try:
+                snap = await hub.read(hub._reads.snapshot, (symbol,))
+                break
+            except (StoreUnavailable, trio.TooSlowError) as exc:
+                detail = str(exc) or "redis did not answer"
+            if not told:
+                body = _encode({"redis": False, "detail": f"redis unavailable: {detail}"[:300]})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": sse_event("status", body),
+                        "more_body": True,
+                    }
+                )
+                told = True
+            await trio.sleep(hub.limits.retry_s)
+        try:
+            view = book_view(symbol, snap.rows[0], _now_ms(), depth)
+        except ValueError:  # CorruptBook: shown as no book, logged by the next update
+            view = None
+        client.queue.reset(id_key(snap.last_id))
+        chunk = b""
+        if told:
+            chunk = sse_event("status", _encode({"redis": True, "detail": "ok"}))
+        data = _encode({"symbol": symbol, "book": view})
+        chunk += sse_event("snapshot", data, snap.last_id)
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        hub.metrics.events.labels(hub.stream).inc()
+
+    async def _book_push(self, client: Client, symbol: str, depth: int | None, send: Send) -> None:
+        hub = self.book_hub
+        assert hub is not None
+        events = hub.metrics.events.labels(hub.stream)
+        keepalive_s = hub.limits.keepalive_s
+        while True:
+            with trio.move_on_after(keepalive_s):
+                await client.wakeup.wait()
+            client.wakeup = trio.Event()
+            if client.queue.resync:
+                await self._book_resync(client, symbol, depth, send)
+                continue
+            updates = client.queue.take()
+            if not updates:
+                body = KEEPALIVE
+            else:
+                now = _now_ms()
+                body = b"".join(
+                    u.book_event(now, depth) if isinstance(u, BookPushed) else u.event(now)
+                    for u in updates
+                )
+                events.inc(len(updates))
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
     # -- health -----------------------------------------------------------------------------
 
     async def _health(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -631,13 +832,42 @@ def health_state(rt: Runtime, hub: TickerHub | None) -> dict[str, Any]:
     return {"components": components, "dependencies": dependencies, "stream": push}
 
 
-def mount(app: QuartTrio, rt: Runtime, tracked: tuple[str, ...]) -> StreamApp:
-    """Wrap the Quart app's ASGI callable; the hub runs while the app serves.
+def mount(
+    app: QuartTrio,
+    rt: Runtime,
+    tracked: tuple[str, ...],
+    books: BookSettings | None = None,
+) -> StreamApp:
+    """Wrap the Quart app's ASGI callable; the hubs run while the app serves.
 
-    Without a Redis URL (tests with a stub reader) the streams answer 503.
+    Without a Redis URL (tests with a stub reader) the streams answer 503. The book hub runs
+    only when books are kept (`books.symbols`; default: marketd/api/book.py `settings`).
     """
     limits = StreamLimits()
+    books = books if books is not None else book_settings(rt)
     hub: TickerHub | None = None
+    book_hub: TickerHub | None = None
+    if rt.redis_url is not None and books.symbols:
+        book_hub = TickerHub(
+            BookStore(
+                rt.redis_url,
+                timeout_s=BLOCK_MS / 1000 + 2.0,
+                client_name="marketd-api-book-stream",
+                max_connections=1,
+            ),
+            BookStore(
+                rt.redis_url,
+                timeout_s=READ_TIMEOUT_S,
+                client_name="marketd-api-book-stream-reads",
+                max_connections=2,
+            ),
+            StreamMetrics(rt.metrics),
+            limits,
+            tracked=books.symbols,
+            stream="book",
+            source="books:updates",
+            pushed=BookPushed.from_book_fields,
+        )
     if rt.redis_url is not None:
         tail = TickerStore(
             rt.redis_url,
@@ -652,21 +882,24 @@ def mount(app: QuartTrio, rt: Runtime, tracked: tuple[str, ...]) -> StreamApp:
             max_connections=2,
         )
         hub = TickerHub(tail, reads, StreamMetrics(rt.metrics), limits, tracked=tracked)
-    the_hub = hub
+        if book_hub is not None:
+            hub.peer, book_hub.peer = book_hub, hub
+    hubs = tuple(h for h in (hub, book_hub) if h is not None)
 
     @app.before_serving
     async def _start_hub() -> None:
-        if the_hub is not None:
+        for the_hub in hubs:
             await app.nursery.start(the_hub.run, rt.draining)
 
     @app.after_serving
     async def _stop_hub() -> None:
-        if the_hub is not None:
+        for the_hub in hubs:
             the_hub.close()
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            for the_hub in hubs:
                 with trio.move_on_after(BLOCK_MS / 1000 + 3.0):
                     await the_hub.done.wait()  # its XREAD thread returns within BLOCK_MS
                 for store in (the_hub._tail, the_hub._reads):
                     await trio.to_thread.run_sync(store.close)
 
-    return StreamApp(app.asgi_app, rt, hub, tracked)
+    return StreamApp(app.asgi_app, rt, hub, tracked, book_hub=book_hub, books=books)

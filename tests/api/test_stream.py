@@ -208,8 +208,8 @@ async def test_symbols_filter_and_bad_requests(redis_server: RedisProcess) -> No
             assert bad.status_code == 400 and bad.json()["error"] == "invalid_symbol"
             unknown = await client.get("/api/v1/stream/tickers?symbols=DOGEUSDT")
             assert unknown.status_code == 400 and unknown.json()["error"] == "unknown_symbol"
-            book = await client.get("/api/v1/stream/book/BTCUSDT")
-            assert book.status_code == 404 and book.json()["error"] == "not_available"
+            book = await client.get("/api/v1/stream/book/BTCUSDT")  # no depth stream: no book
+            assert book.status_code == 404 and book.json()["error"] == "unknown_symbol"
             post = await client.post("/api/v1/stream/tickers")
             assert post.status_code == 405
 
