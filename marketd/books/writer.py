@@ -68,7 +68,7 @@ class BookWriter:
         *,
         redis_depth: int = DEFAULT_REDIS_DEPTH,
         ttl_s: int | None = None,
-        clock: Callable[[], float] = trio.current_time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rt = rt
         self.board = board
@@ -251,13 +251,13 @@ async def run_book_writer(
     *,
     redis_depth: int = DEFAULT_REDIS_DEPTH,
     ttl_s: int | None = None,
-    clock: Callable[[], float] = trio.current_time,
+    clock: Callable[[], float] = time.monotonic,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Task entry point: started() at once (Redis is a health state); returns on drain.
 
-    `clock` must be the clock of `BookView.received_at` (the update->Redis latency metric);
-    `ttl_s` defaults to the tickers' TTL.
+    `clock` must be the clock of `BookView.received_at` (the keeper's, time.monotonic): the
+    update->Redis latency metric. `ttl_s` defaults to the tickers' TTL (tickers.ttl_s).
     """
     if rt.redis_url is None:
         raise ConfigError("redis.url", "runtime", "the book writer needs Redis; none resolved")

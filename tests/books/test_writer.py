@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -33,7 +34,7 @@ def view(last: int, *, symbol: str = "BTCUSDT", in_sync: bool = True, price: str
         asks=(("101.00", "3.0"),),
         in_sync=in_sync,
         reason=reason,
-        received_at=trio.current_time(),
+        received_at=time.monotonic(),
     )
 
 
