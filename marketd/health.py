@@ -140,6 +140,20 @@ class Health:
         else:
             current.reason = reason
 
+    def part(
+        self, name: str, dependency: Dependency, problem: str | None, *, ok: str, meanwhile: str
+    ) -> None:
+        """A part with one dependency of its own (`backfill`, `analytics`), in one call: the
+        dependency is up ("answering") or down with `problem`; the part is healthy with `ok`, or
+        unhealthy with `problem` and what that means `meanwhile`."""
+        self.dependency(dependency, up=problem is None, reason=problem or "answering")
+        self.set(
+            name,
+            started=True,
+            healthy=problem is None,
+            reason=f"{problem}; {meanwhile}" if problem else ok,
+        )
+
     def forget(self, name: str) -> None:
         self.components.pop(name, None)
 

@@ -211,17 +211,12 @@ class _Stores:
             if self.pg_problem is None:
                 log.warning("api.postgres_down", postgres=self.pg_at, error=text)
             self.pg_problem = f"postgres unreachable at {self.pg_at}: {text}"
-        problem = self.pg_problem
-        self.rt.health.dependency(
-            Dependency.POSTGRES, up=problem is None, reason=problem or "answering"
-        )
-        self.rt.health.set(
+        self.rt.health.part(
             ANALYTICS,
-            started=True,
-            healthy=problem is None,
-            reason=f"{problem}; analytics endpoints answer 503"
-            if problem
-            else f"postgres answering at {self.pg_at}",
+            Dependency.POSTGRES,
+            self.pg_problem,
+            ok=f"postgres answering at {self.pg_at}",
+            meanwhile="analytics endpoints answer 503",
         )
 
     async def probe_forever(self) -> None:

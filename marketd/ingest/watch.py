@@ -167,17 +167,12 @@ class RestWatch:
 
     def _report(self) -> None:
         self._reported = True
-        problem = self.problem
-        self.rt.health.dependency(
-            Dependency.BINANCE_REST, up=problem is None, reason=problem or "answering"
-        )
-        self.rt.health.set(
+        self.rt.health.part(
             BACKFILL,
-            started=True,
-            healthy=problem is None,
-            reason=f"{problem}; gaps cannot be repaired meanwhile"
-            if problem
-            else f"binance rest answering at {self.at}",
+            Dependency.BINANCE_REST,
+            self.problem,
+            ok=f"binance rest answering at {self.at}",
+            meanwhile="gaps cannot be repaired meanwhile",
         )
 
     async def probe_forever(self, ping: Callable[[], Awaitable[None]]) -> None:
