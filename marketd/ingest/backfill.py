@@ -27,16 +27,17 @@ from marketd.ingest.repair import (
     GapKind,
     GapReason,
     KlineBackfill,
+    KlinePaging,
     LostRange,
     Request,
     RequestBackfill,
     RequestKlines,
     TradeBackfill,
-    missing_trades_reason,
+    TradePaging,
     outcome,
     request_kind,
 )
-from marketd.ingest.streams import interval_ms, parse_stream
+from marketd.ingest.streams import parse_stream
 from marketd.ingest.tape import route_result
 from marketd.logs import Throttle, get_logger
 from marketd.metrics import MetricsFactory
@@ -125,17 +126,15 @@ class Backfiller:
     # -- trades ---------------------------------------------------------------------------------
 
     async def _trades(self, req: RequestBackfill, deadline: float) -> list[LostRange]:
-        lost: list[LostRange] = []
-        cur = req.from_id
+        paging = TradePaging.start(req)
         endpoint = (
             self.rest.historical_trades if req.kind == GapKind.TRADES else self.rest.agg_trades
         )
         lagging = Backoff(self.backoff_initial_s, self.backoff_max_s)
-        while cur <= req.to_id:
-            limit = min(MAX_LIMIT, req.to_id - cur + 1)
+        while (limit := paging.limit(MAX_LIMIT)) is not None:
             try:
                 rows: Sequence[RestTrade | RestAggTrade] = await self._call(
-                    deadline, endpoint, req.symbol, cur, limit
+                    deadline, endpoint, req.symbol, paging.cursor, limit
                 )
                 if not rows:
                     # Ids the live stream already showed but REST does not have yet: its
@@ -143,22 +142,16 @@ class Backfiller:
                     await self._retry(deadline, GapReason.REST_LAGGING, lagging, req)
                     continue
             except _GiveUp as exc:
-                lost.append(LostRange(cur, req.to_id, exc.reason))
+                paging.give_up(exc.reason)
                 break
-            first = _row_id(rows[0])
-            if first > req.to_id:
-                lost.append(LostRange(cur, req.to_id, missing_trades_reason(cur, req.from_id)))
+            upto = paging.on_page(_row_id(rows[0]), _row_id(rows[-1]))
+            if upto is None:
                 break
-            if first > cur:
-                lost.append(LostRange(cur, first - 1, missing_trades_reason(cur, req.from_id)))
             now_ms = self._wall_ms()
-            page = [
-                self._trade_record(req, row, now_ms) for row in rows if _row_id(row) <= req.to_id
-            ]
+            page = [self._trade_record(req, row, now_ms) for row in rows if _row_id(row) <= upto]
             self._m_records.labels(req.kind).inc(len(page))
             await self.deliver(TradeBackfill(req, page))
-            cur = _row_id(rows[-1]) + 1
-        return lost
+        return paging.lost
 
     def _trade_record(
         self, req: RequestBackfill, row: RestTrade | RestAggTrade, now_ms: int
@@ -197,43 +190,31 @@ class Backfiller:
     # -- klines ---------------------------------------------------------------------------------
 
     async def _klines(self, req: RequestKlines, deadline: float) -> list[LostRange]:
-        lost: list[LostRange] = []
-        spec = parse_stream(req.stream)
-        step = interval_ms(req.interval)
-        fixed = req.interval != "1M"  # months have no fixed length
-        cur = req.start_ms
-        prev: int | None = None
-        while cur <= req.end_ms:
+        paging = KlinePaging.start(req)
+        time_zone = parse_stream(req.stream).timezone
+        while not paging.done:
             try:
                 rows: list[RestKline] = await self._call(
                     deadline,
                     self.rest.klines,
                     req.symbol,
                     req.interval,
-                    cur,
+                    paging.cursor,
                     req.end_ms,
                     MAX_LIMIT,
-                    time_zone=spec.timezone,
+                    time_zone=time_zone,
                 )
             except _GiveUp as exc:
-                lost.append(LostRange(cur, req.end_ms, exc.reason))
+                paging.give_up(exc.reason)
                 break
             now_ms = self._wall_ms()
-            # Only klines inside the range and already over by the wall clock: never an open one.
-            rows = [k for k in rows if cur <= k.open_time <= req.end_ms and k.close_time < now_ms]
-            if not rows:
-                if prev is None and req.end_ms - req.start_ms + 1 >= step:
-                    lost.append(LostRange(req.start_ms, req.end_ms, GapReason.NOT_ON_REST))
+            rows = [k for k in rows if paging.wanted(k.open_time, k.close_time, now_ms)]
+            if not paging.on_page([k.open_time for k in rows]):
                 break
-            for k in rows:
-                if fixed and prev is not None and k.open_time - prev > step:
-                    lost.append(LostRange(prev + step, k.open_time - step, GapReason.NOT_ON_REST))
-                prev = k.open_time
             page = [self._kline_record(req, k, now_ms) for k in rows]
             self._m_records.labels(GapKind.KLINES).inc(len(page))
             await self.deliver(KlineBackfill(req, page))
-            cur = rows[-1].open_time + 1
-        return lost
+        return paging.lost
 
     @staticmethod
     def _kline_record(req: RequestKlines, k: RestKline, now_ms: int) -> KlineRecord:

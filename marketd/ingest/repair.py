@@ -4,7 +4,9 @@ The continuity gates (continuity.py) emit `RequestBackfill`/`RequestKlines`; the
 (backfill.py) answers each with pages of recovered records (`TradeBackfill`/`KlineBackfill`) and
 one final result listing the `LostRange`s it could not recover; the tape keeper (tape.py) feeds
 the results back into the gates. Kinds and reasons are enums shared by all of them and written
-as their string values into gap records, metrics labels and logs. No I/O here.
+as their string values into gap records, metrics labels and logs. `TradePaging`/`KlinePaging`
+keep the bookkeeping of one request while the driver pages through REST: where the next page
+starts, which answered rows belong to the range, what is lost and why. No I/O here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Final, NamedTuple
 
 import attrs
 
+from marketd.ingest.streams import interval_ms
 from marketd.records import AggTradeRecord, KlineRecord, TradeRecord
 
 
@@ -143,3 +146,98 @@ def missing_trades_reason(cursor: int, from_id: int) -> GapReason:
 def record_id(record: TradeRecord | AggTradeRecord) -> int:
     """The id a trade gate orders a recovered record by."""
     return record.trade_id if isinstance(record, TradeRecord) else record.agg_trade_id
+
+
+# -- paging through REST ---------------------------------------------------------------------------
+
+
+@attrs.define
+class TradePaging:
+    """One trade backfill's progress: REST is asked for ids from `cursor` on, a page at a time."""
+
+    request: RequestBackfill
+    cursor: int
+    lost: list[LostRange] = attrs.field(factory=list)
+
+    @classmethod
+    def start(cls, request: RequestBackfill) -> TradePaging:
+        return cls(request, request.from_id)
+
+    def limit(self, max_limit: int) -> int | None:
+        """How many ids to ask for next; None once the whole range is answered or given up."""
+        if self.cursor > self.request.to_id:
+            return None
+        return min(max_limit, self.request.to_id - self.cursor + 1)
+
+    def on_page(self, first_id: int, last_id: int) -> int | None:
+        """REST answered ids first_id..last_id (ascending, at least one) from the cursor on.
+
+        Returns the highest id of the answer that belongs to the range (the rest is not ours),
+        or None when nothing does and the range is over. Ids skipped before `first_id` are lost.
+        """
+        req = self.request
+        why = missing_trades_reason(self.cursor, req.from_id)
+        if first_id > req.to_id:
+            self.lost.append(LostRange(self.cursor, req.to_id, why))
+            self.cursor = req.to_id + 1
+            return None
+        if first_id > self.cursor:
+            self.lost.append(LostRange(self.cursor, first_id - 1, why))
+        self.cursor = last_id + 1
+        return req.to_id
+
+    def give_up(self, reason: str) -> None:
+        """The rest of the range cannot be had (REST down past the deadline, rejected...)."""
+        self.lost.append(LostRange(self.cursor, self.request.to_id, reason))
+        self.cursor = self.request.to_id + 1
+
+
+@attrs.define
+class KlinePaging:
+    """One kline backfill's progress: REST is asked for open times from `cursor` on."""
+
+    request: RequestKlines
+    step_ms: int  # the interval's length
+    fixed: bool  # False for months: they have no fixed length, so holes cannot be measured
+    cursor: int
+    prev: int | None = None  # open time of the last kline taken
+    lost: list[LostRange] = attrs.field(factory=list)
+
+    @classmethod
+    def start(cls, request: RequestKlines) -> KlinePaging:
+        fixed = request.interval != "1M"
+        return cls(request, interval_ms(request.interval), fixed, request.start_ms)
+
+    @property
+    def done(self) -> bool:
+        return self.cursor > self.request.end_ms
+
+    def wanted(self, open_time: int, close_time: int, now_ms: int) -> bool:
+        """A kline of the answer belongs to the range and is over by the wall clock (an open
+        kline is never backfilled: the live stream will close it)."""
+        return self.cursor <= open_time <= self.request.end_ms and close_time < now_ms
+
+    def on_page(self, open_times: Sequence[int]) -> bool:
+        """The open times (ascending) of the wanted klines of one answer; False: no more pages.
+
+        Open times missing between two klines are lost ("not_on_rest"); an answer with none
+        at all ends the range, and when nothing came for a range of at least one interval, all
+        of it is lost.
+        """
+        req = self.request
+        if not open_times:
+            if self.prev is None and req.end_ms - req.start_ms + 1 >= self.step_ms:
+                self.lost.append(LostRange(req.start_ms, req.end_ms, GapReason.NOT_ON_REST))
+            self.cursor = req.end_ms + 1
+            return False
+        step = self.step_ms
+        for t in open_times:
+            if self.fixed and self.prev is not None and t - self.prev > step:
+                self.lost.append(LostRange(self.prev + step, t - step, GapReason.NOT_ON_REST))
+            self.prev = t
+        self.cursor = open_times[-1] + 1
+        return True
+
+    def give_up(self, reason: str) -> None:
+        self.lost.append(LostRange(self.cursor, self.request.end_ms, reason))
+        self.cursor = self.request.end_ms + 1
