@@ -209,3 +209,122 @@ def test_dashboard_live_market_health_and_reconnect(
                 shot(page, tmp_path, "dashboard-reconnected")
         finally:
             browser.close()
+
+
+# -- the order-book panel (API only, books written straight into Redis) --------------------------
+
+
+@contextmanager
+def api_thread(rt: Any) -> Iterator[None]:
+    """The real API component (Hypercorn + Quart-Trio) in its own trio loop on a thread, so the
+    sync Playwright API can drive the browser from this one; drained on exit."""
+    import threading
+
+    import trio
+
+    from marketd.api.server import run_api
+
+    started = threading.Event()
+    token: list[Any] = []
+    failure: list[BaseException] = []
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_api, rt)
+            token.append(trio.lowlevel.current_trio_token())
+            started.set()
+
+    def main() -> None:
+        try:
+            trio.run(serve)
+        except BaseException as exc:  # reported by the test thread
+            failure.append(exc)
+            started.set()
+
+    thread = threading.Thread(target=main, name="api", daemon=True)
+    thread.start()
+    assert started.wait(30), "the API did not start"
+    assert not failure, failure
+    try:
+        yield
+    finally:
+        trio.from_thread.run_sync(rt.draining.set, trio_token=token[0])
+        thread.join(30)
+        assert not thread.is_alive() and not failure, failure
+
+
+def test_order_book_panel_follows_the_book_stream(
+    redis_server: RedisProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert CHROMIUM is not None, "chromium not found: scripts/bootstrap --dev installs it"
+    from playwright.sync_api import expect, sync_playwright
+
+    from marketd.api import book
+    from marketd.books.board import BookView
+    from marketd.books.store import BookStore, BookWrite
+    from marketd.tickers.store import TickerStore
+    from tests.tickers.records import now_ms, runtime, ticker
+
+    # Books for BTCUSDT only (whatever depth streams the configuration accepts).
+    monkeypatch.setattr(book, "book_symbols", lambda _cfg: ("BTCUSDT",))
+    port = free_port()
+    rt = runtime(
+        redis_url=redis_server.url,
+        env={"API_PORT": str(port), "TICKER_SYMBOLS": "BTCUSDT,ETHUSDT"},
+    )
+    tickers, books = TickerStore(redis_server.url), BookStore(redis_server.url)
+
+    def put_book(last: int, bid: str, *, in_sync: bool = True) -> None:
+        v = BookView(
+            symbol="BTCUSDT",
+            last_update_id=last,
+            event_time=now_ms(),
+            bids=((bid, "1.5"), ("99.00", "2"), ("98.00", "3")),
+            asks=(("101.00", "0.5"), ("102.00", "4")),
+            in_sync=in_sync,
+            reason=None if in_sync else "gap",
+        )
+        books.write([BookWrite(v)], now_ms(), 60, 20)
+
+    try:
+        tickers.write([ticker("BTCUSDT"), ticker("ETHUSDT")], now_ms(), 60)
+        put_book(10, "100.00")
+        with (
+            api_thread(rt),
+            sync_playwright() as pw,
+        ):
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1360, "height": 1100})
+                console_errors: list[str] = []
+                page.on(
+                    "console",
+                    lambda m: console_errors.append(m.text) if m.type == "error" else None,
+                )
+                page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.locator('#tickers tbody tr[data-symbol="BTCUSDT"]').click()
+                panel = page.locator("#book")
+                expect(panel).to_be_visible(timeout=10_000)
+                expect(page.locator("#book-symbol")).to_have_text("BTCUSDT")
+                expect(page.locator("#book-badge")).to_have_text("in sync")
+                bids = page.locator("#book-bids tbody tr")
+                expect(bids).to_have_count(3)
+                expect(bids.first).to_contain_text("100")
+                expect(page.locator("#book-asks tbody tr")).to_have_count(2)
+                # A stored update reaches the page through books:updates.
+                put_book(11, "100.25")
+                expect(bids.first).to_contain_text("100.25", timeout=5_000)
+                put_book(11, "100.25", in_sync=False)
+                expect(page.locator("#book-badge")).to_have_text("out of sync: gap")
+                shot(page, tmp_path, "dashboard-book")
+                # A symbol without a book says so.
+                page.locator('#tickers tbody tr[data-symbol="ETHUSDT"]').click()
+                expect(page.locator("#book-empty")).to_contain_text("no order book")
+                expect(page.locator("#book-bids")).to_be_hidden()
+                assert console_errors == [], console_errors
+            finally:
+                browser.close()
+    finally:
+        tickers.close()
+        books.close()

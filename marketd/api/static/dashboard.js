@@ -1,4 +1,5 @@
-// marketd dashboard: live tickers, chart, health, ingest rates. Read-only, no framework.
+// marketd dashboard: live tickers, chart, health, ingest rates, the selected symbol's order
+// book. Read-only, no framework.
 // Data is written with textContent only (never parsed as HTML); the CSP forbids inline
 // script and eval. Endpoints: docs/streaming.md.
 "use strict";
@@ -7,6 +8,7 @@ const HISTORY = 900;          // live points kept per symbol for the chart
 const STATS_EVERY_MS = 2000;
 const KLINES_EVERY_MS = 30000;
 const STALE_MS = 10000;
+const BOOK_DEPTH = 10;        // levels per side in the order-book panel
 
 const state = {
   rows: new Map(),            // symbol -> {tr, cells, last}
@@ -19,6 +21,8 @@ const state = {
   window: [],                 // recent stats samples for "last minute" deltas
   klineNote: "",
   klinesAvailable: null,      // from /api/v1/dashboard/stats: is warm storage configured?
+  books: null,                // symbols with an order book (from the stats), null: not known yet
+  book: null,                 // {symbol, source, retry} of the open book stream
 };
 
 function el(tag, cls, text) {
@@ -209,6 +213,109 @@ function select(symbol) {
   document.getElementById("chart-symbol").textContent = symbol;
   loadKlines(symbol);
   drawChart();
+  followBook();
+}
+
+// -- order book ---------------------------------------------------------------------------
+
+function closeBook() {
+  const current = state.book;
+  state.book = null;
+  if (!current) return;
+  if (current.retry !== null) clearTimeout(current.retry);
+  if (current.source) current.source.close();
+}
+
+// The panel follows the selected symbol's book stream: hidden when this daemon keeps no
+// books, "no order book" for a symbol without one.
+function followBook() {
+  const panel = document.getElementById("book");
+  const symbol = state.selected;
+  if (state.books === null || state.books.length === 0 || symbol === null) {
+    closeBook();
+    panel.hidden = true;
+    return;
+  }
+  panel.hidden = false;
+  document.getElementById("book-symbol").textContent = symbol;
+  if (!state.books.includes(symbol)) {
+    closeBook();
+    renderBook(symbol, null, "no order book is kept for " + symbol);
+    return;
+  }
+  if (state.book && state.book.symbol === symbol) return;
+  closeBook();
+  renderBook(symbol, null, "connecting…");
+  openBook(symbol);
+}
+
+function openBook(symbol) {
+  const entry = { symbol: symbol, source: null, retry: null };
+  state.book = entry;
+  const url = "/api/v1/stream/book/" + encodeURIComponent(symbol) + "?depth=" + BOOK_DEPTH;
+  const source = new EventSource(url);
+  entry.source = source;
+  const live = () => state.book === entry;
+  source.addEventListener("snapshot", (message) => {
+    if (!live()) return;
+    const body = JSON.parse(message.data);
+    renderBook(symbol, body.book, body.book ? "" : "no book stored yet");
+  });
+  source.addEventListener("book", (message) => {
+    if (live()) renderBook(symbol, JSON.parse(message.data), "");
+  });
+  source.addEventListener("status", (message) => {
+    const body = JSON.parse(message.data);
+    if (live() && !body.redis) document.getElementById("book-note").textContent = "Redis unavailable";
+  });
+  source.onerror = () => {
+    if (!live()) return;
+    document.getElementById("book-note").textContent = "reconnecting…";
+    // EventSource gives up on an error status (503 while full or starting): retry ourselves.
+    if (source.readyState === EventSource.CLOSED && entry.retry === null) {
+      entry.retry = setTimeout(() => { if (live()) { state.book = null; followBook(); } }, 2000);
+    }
+  };
+}
+
+function fillSide(tbody, levels, side) {
+  const rows = [];
+  for (const level of levels) {
+    const tr = el("tr");
+    const price = el("td", "num " + side, trimDecimal(level[0]));
+    const qty = el("td", "num", trimDecimal(level[1]));
+    if (side === "bid") tr.append(qty, price); else tr.append(price, qty);
+    rows.push(tr);
+  }
+  tbody.replaceChildren(...rows);
+}
+
+function renderBook(symbol, book, note) {
+  const badge = document.getElementById("book-badge");
+  const body = document.getElementById("book-body");
+  const empty = document.getElementById("book-empty");
+  const bids = document.querySelector("#book-bids tbody");
+  const asks = document.querySelector("#book-asks tbody");
+  if (!book) {
+    badge.dataset.sync = "none";
+    badge.textContent = "";
+    body.hidden = true;
+    empty.hidden = false;
+    empty.textContent = note;
+    document.getElementById("book-note").textContent = "";
+    fillSide(bids, [], "bid");
+    fillSide(asks, [], "ask");
+    return;
+  }
+  body.hidden = false;
+  empty.hidden = true;
+  badge.dataset.sync = book.in_sync ? "true" : "false";
+  badge.textContent = book.in_sync ? "in sync" : "out of sync: " + (book.reason || "unknown");
+  body.dataset.sync = book.in_sync ? "true" : "false";
+  fillSide(bids, book.bids || [], "bid");
+  fillSide(asks, book.asks || [], "ask");
+  document.getElementById("book-note").textContent =
+    note || "update " + String(book.last_update_id) + " · " + ageText(book.age_ms) + " old";
 }
 
 async function loadKlines(symbol) {
@@ -356,6 +463,11 @@ function kv(dl, rows) {
 
 function onStats(body) {
   const now = body.now_ms;
+  const books = Array.isArray(body.books) ? body.books : [];
+  if (state.books === null || state.books.join(",") !== books.join(",")) {
+    state.books = books;
+    followBook();
+  }
   if (state.klinesAvailable !== body.klines) {
     state.klinesAvailable = body.klines;
     if (state.selected) loadKlines(state.selected);
