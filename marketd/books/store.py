@@ -1,7 +1,7 @@
 """Redis adapter for the order books: `book:{SYMBOL}` hashes and the `books:updates` stream.
 
 Receives the newest `BookView` per symbol (books/board.py) and writes the top `depth` levels of
-each as one hash (docs/contract.md, "Order books in Redis") through a Lua script, so a reader never
+each as one hash (README, "HTTP API"; docs/streaming.md §4) through a Lua script, so a reader never
 sees half a book and an older update id never replaces a newer one unless the book resynced
 (an in_sync or reason change is always written; a forced write is the writer's own resync). The
 same script appends every stored book to the capped stream `books:updates`, which the push API
