@@ -9,6 +9,7 @@ receive rate of a plain trio-websocket client against the same server (the ceili
     .venv/bin/python bench/ingest.py --sets mixed         # only trade + kline_1m + 24h ticker
     .venv/bin/python bench/ingest.py --no-spool           # the path without the Kafka-outage spool
     .venv/bin/python bench/ingest.py --soak 600           # + RSS over 10 minutes at 10k/s
+    .venv/bin/python bench/ingest.py --steps              # trio task steps per frame (in-process)
 
 Two stream sets, each measured against its own bare receive rate: `trades` (one trade stream per
 symbol) and `mixed` (trade + kline_1m + 24 h ticker per symbol, the set users subscribe). The
@@ -254,6 +255,122 @@ def run_marketd(
     }
 
 
+class StepCounter(trio.abc.Instrument):
+    """Counts task steps (per task function) and scheduler I/O waits: what each frame costs the
+    scheduler, independent of how loaded the machine is (docs/performance.md §7)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = defaultdict(int)
+        self.io_waits = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name.rsplit(".", 1)[-1]] += 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.io_waits += 1
+
+    def reset(self) -> None:
+        self.steps.clear()
+        self.io_waits = 0
+
+
+def _frames_received(metrics: Any) -> int:
+    counter = metrics.fast_counter("ws_frames_received", "", "conn")
+    return sum(counter.values.values())
+
+
+async def _count_marketd_steps(
+    ws_url: str, streams: list[str], seconds: float, spool: bool, bootstrap: str
+) -> dict[str, Any]:
+    # Imported here: with PYTHONPATH pointing at another tree, this measures that tree's code.
+    from marketd.config import load_config
+    from marketd.ingest.pipeline import run_ingest
+    from marketd.metrics import MetricsFactory
+    from marketd.runtime import Runtime
+
+    env = {
+        "BINANCE_WS_URL": ws_url,
+        "BINANCE_REST_URL": ws_url.replace("ws://", "http://").removesuffix("/stream"),
+        "BINANCE_STREAMS": ",".join(streams),
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "TOPIC_RAW_TRADES": f"raw_trades_{time.time_ns()}",
+        "SPOOL_ENABLED": "true" if spool else "false",
+        "SPOOL_DIR": tempfile.mkdtemp(prefix="marketd-steps-spool-"),
+        "LOG_LEVEL": "WARNING",
+    }
+    cfg = load_config(None, environ=env, dotenv=None).config
+    metrics = MetricsFactory()
+    rt = Runtime(cfg, metrics, bootstrap, None)
+    counter = StepCounter()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_ingest, rt)
+        await trio.sleep(3.0)  # connect, read the tail, warm up
+        trio.lowlevel.add_instrument(counter)
+        frames0, t0 = _frames_received(metrics), time.perf_counter()
+        await trio.sleep(seconds)
+        frames = _frames_received(metrics) - frames0
+        elapsed = time.perf_counter() - t0
+        trio.lowlevel.remove_instrument(counter)
+        rt.draining.set()
+    total = sum(counter.steps.values())
+    top = sorted(counter.steps.items(), key=lambda kv: -kv[1])[:8]
+    return {
+        "frames": frames,
+        "frames_per_s": frames / elapsed,
+        "steps_per_frame": total / frames if frames else float("nan"),
+        "io_waits_per_frame": counter.io_waits / frames if frames else float("nan"),
+        "by_task": {name: round(n / frames, 3) for name, n in top} if frames else {},
+    }
+
+
+async def _count_bare_steps(ws_url: str, streams: list[str], seconds: float) -> dict[str, Any]:
+    counter = StepCounter()
+    url = ws_url + "?streams=" + "/".join(streams)
+    n = 0
+    async with trio_websocket.open_websocket_url(url) as ws:
+        for _ in range(2000):
+            await ws.get_message()
+        trio.lowlevel.add_instrument(counter)
+        with trio.move_on_after(seconds):
+            while True:
+                await ws.get_message()
+                n += 1
+        trio.lowlevel.remove_instrument(counter)
+    return {
+        "frames": n,
+        "steps_per_frame": sum(counter.steps.values()) / n,
+        "io_waits_per_frame": counter.io_waits / n,
+    }
+
+
+def count_steps(sets: list[str], rates: list[str], seconds: float, spool: bool) -> None:
+    """Task steps per frame, marketd's ingest run in this process (same code as the daemon's
+    component) against the fake exchange, the mock cluster also in this process (its threads
+    are not trio tasks); the bare trio-websocket loop alongside as the reference."""
+    for set_name, rate in itertools.product(sets, rates):
+        streams = STREAM_SETS[set_name]
+        proc, ws_url = start_exchange(rate)
+        cluster = EmbeddedCluster()
+        try:
+            bare = trio.run(_count_bare_steps, ws_url, streams, min(seconds, 5.0))
+            ours = trio.run(
+                _count_marketd_steps, ws_url, streams, seconds, spool, cluster.bootstrap_servers
+            )
+        finally:
+            cluster.close()
+            proc.terminate()
+            proc.wait(10)
+        print(
+            f"\n{set_name} rate={rate} spool={'armed' if spool else 'off'}: "
+            f"marketd {ours['steps_per_frame']:.3f} task steps/frame, "
+            f"{ours['io_waits_per_frame']:.3f} I/O waits/frame "
+            f"({ours['frames']:,} frames, {ours['frames_per_s']:,.0f}/s); "
+            f"bare trio-websocket {bare['steps_per_frame']:.3f} steps/frame, "
+            f"{bare['io_waits_per_frame']:.3f} I/O waits/frame"
+        )
+        print(f"  by task (steps/frame): {ours['by_task']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20)
@@ -265,7 +382,17 @@ def main() -> None:
         help="SPOOL_ENABLED=false: the path of embedded Kafka (the decode stage produces itself)",
     )
     parser.add_argument("--soak", type=float, default=0, help="seconds at 10k/s for RSS growth")
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="count trio task steps per frame instead (in-process, load-independent)",
+    )
     args = parser.parse_args()
+    if args.steps:
+        count_steps(
+            args.sets.split(","), args.rates.split(","), min(args.seconds, 10.0), not args.no_spool
+        )
+        return
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, trio {trio.__version__}, "
         f"confluent-kafka {confluent_kafka.version()[0]}, "

@@ -1,39 +1,52 @@
-"""The ingest component: WebSocket connections -> decode + batch -> Kafka, as one supervised unit.
+"""The ingest component: WebSocket -> decode + tape + batch -> Kafka, as one supervised unit.
 
-Stages are started downstream-first (producer, decoder, then the connections), joined by bounded
-channels. The decode stage also cuts its output into the producer's batches (no batcher task in
-between: one wake-up less per chunk); without a spool it also hands them to librdkafka itself
-(no task hop per batch), and the producer stage only serves delivery reports and flushes at the
-end. Shutdown is by closing channels: on `rt.draining` the
-connections stop reading and close their channel clones; the decoder and the producer drain in
-turn; the producer flushes. `run_ingest` returns once everything accepted was handed to Kafka,
-or to the on-disk spool when Kafka could not take it (or the flush bound passed, which is logged
-with the count).
+Each connection's task does the whole path for the frames it reads, with no task hop: it takes
+every frame trio-websocket has parsed (`source.py`), decodes the chunk, runs it through the shared
+tape keeper (`tape.py`: continuity gates, backfill requests; synchronous) and hands the keeper's
+output to the sink in batches (`intake.py`: the ordered outbox). The sink is `KafkaSink` (embedded
+Kafka: `produce()` directly) or, with the outage spool armed, `SpoolingProducer`, which produces
+directly too while its delivery state machine is live and hands batches to its own task only
+while spooling or when librdkafka's queue is full. Backpressure: a task whose sink is full waits,
+so trio-websocket's bounded queue fills and its reader stops reading the socket.
+
+Beside the connections: the REST backfill worker applies its results through the keeper itself;
+a tick task runs the keeper's gap-grace timers every TICK_S (a periodic task, not "whoever comes
+first": a tape with a gap and no traffic still gets its timers); the producer or spooling stage
+serves delivery reports; the health watch. Order: a keeper call and the append of its output to
+the outbox happen without an await in between (trio is single-threaded), so the outbox carries
+the tape in keeper order whichever task called; a reconnect notice is taken before the new
+socket's first frame, by the same task.
+
+Shutdown (`rt.draining`): the connections stop reading; running backfills get a short grace;
+the keeper flushes what it holds (behind gap records); the outbox drains to the sink; the batch
+channel closes and the producer flushes (what Kafka cannot take goes to the spool when armed).
+`run_ingest` returns once everything accepted was handed to Kafka or the spool (or the flush bound
+passed, which is logged with the count).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 
 from marketd.errors import KafkaUnavailable
 from marketd.ingest.backfill import BackfillResult, run_backfill
-from marketd.ingest.batch import Batch, split_batches
-from marketd.ingest.decode import Decoder, Frame, Outgoing, Topics
+from marketd.ingest.batch import Batch
+from marketd.ingest.decode import Decoder, Topics
+from marketd.ingest.intake import Outbox, Sink, TapeIntake
 from marketd.ingest.limits import TokenBucket
 from marketd.ingest.produce import KafkaSink, ProduceStats, run_producer
-from marketd.ingest.source import ConnectionState, SourceMetrics, run_connection
+from marketd.ingest.source import ConnectionState, FrameIntake, SourceMetrics, run_connection
 from marketd.ingest.spooling import SpoolingProducer, spool_trade_tail
 from marketd.ingest.streams import StreamSpec, parse_streams, shard_streams, split_connections
-from marketd.ingest.tape import Reconnected, Request, TapeKeeper
+from marketd.ingest.tape import Request, TapeKeeper
 from marketd.ingest.watch import BACKFILL, KafkaCheck, RestWatch, watch_ingest
 from marketd.kafka.client import consumer_settings, is_embedded, producer_settings
 from marketd.kafka.tail import trade_tail
 from marketd.logs import get_logger
-from marketd.metrics import FastHistogramCollector
 from marketd.records import AggTradeRecord, KlineRecord, TradeRecord
 from marketd.rest.budget import WeightBudget
 from marketd.rest.client import BinanceRest
@@ -42,130 +55,11 @@ from marketd.spool import Spool
 
 log = get_logger(__name__)
 
-# How many frames the decoder takes in one go before handing its batches on (bounds latency).
-DECODE_CHUNK = 4096
-# Coalesce when a wake-up found this many frames waiting. Measured with bench/ingest.py against
-# the fake exchange: 2 -> 32k frames/s at max rate and keeps up at 10k/s; 16 -> 13.5k frames/s
-# and falls behind at 10k/s (a frame handled alone costs every stage a wake-up and the scheduler
-# an epoll round: ~110 us of CPU per frame instead of ~33 us).
-COALESCE_WHEN_BACKLOG = 2
+# The tape keeper's clock (gap grace timers): one wake-up every TICK_S, nothing per frame.
+TICK_S = 0.25
 # Reading the trades topic's tail at start-up (to continue the tape) may take this long; past it
 # marketd starts without (Kafka down at start: the spool catches what cannot be delivered).
 TAIL_READ_TIMEOUT_S = 5.0
-
-
-Inbound = Frame | Reconnected | BackfillResult
-
-
-async def run_decoder(
-    frames_rx: trio.MemoryReceiveChannel[Inbound],
-    batches_tx: trio.MemorySendChannel[Batch],
-    decoder: Decoder,
-    keeper: TapeKeeper,
-    *,
-    batch_size: int = 100,
-    batch_sizes: FastHistogramCollector | None = None,
-    produce: Callable[[Batch], Awaitable[object]] | None = None,
-    coalesce_s: float = 0.001,
-    tick_s: float = 0.25,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Decode frames in chunks, keep the tape in order, hand batches of at most `batch_size`
-    records to the producer.
-
-    Everything a wake-up produced goes out at its end, cut into batches (split_batches): nothing
-    is held back waiting for more, so a batch's age is bounded by one wake-up (within the
-    `batch.timeout_ms` bound) and an idle pipeline adds no latency. A full batch channel blocks
-    the decoder, which then stops taking frames: backpressure reaches the WebSocket readers.
-    With `produce` (no spool: KafkaSink.produce_batch) the stage hands each batch to librdkafka
-    itself, without a task hop (produce() is non-blocking on the trio thread; a full local
-    queue makes `produce` wait, which is the same backpressure); `batches_tx` then only
-    signals the end of input to the producer stage, which flushes.
-
-    Adaptive coalescing: when the previous wake-up found a backlog (COALESCE_WHEN_BACKLOG frames
-    or more: frames arrive faster than they are handled one by one), wait `coalesce_s` before
-    draining, so the decoder and the producer each wake once per chunk instead of once per
-    frame (measured here: 21k -> 36k frames/s on one core). A stream the decoder keeps
-    up with is never delayed.
-    Reconnect notices and backfill results arrive on the same channel, in order with the frames.
-    At end of input the keeper releases whatever it still holds (behind gap records).
-    """
-    decode = decoder.decode
-    sizes = batch_sizes.labels() if batch_sizes is not None else None
-    hand_over = batches_tx.send if produce is None else produce
-
-    async def emit(records: list[Outgoing]) -> None:
-        for batch in split_batches(records, batch_size):
-            if sizes is not None:
-                sizes.observe(len(batch))
-            await hand_over(batch)
-
-    busy = False
-    next_tick = trio.current_time() + tick_s
-    async with frames_rx, batches_tx:
-        task_status.started()
-        while True:
-            received = False
-            with trio.move_on_at(next_tick):
-                try:
-                    item = await frames_rx.receive()
-                    received = True
-                except trio.EndOfChannel:
-                    break
-            now = trio.current_time()
-            decoded: list[Outgoing] = []  # decoded, not yet through the keeper
-            chunk: list[Outgoing] = []  # in tape order, ready for the producer
-            ended = False
-            taken = 0
-            if now >= next_tick:
-                chunk += keeper.tick(now)
-                next_tick = now + tick_s
-            # Not `else`: a receive that completed can still return after the deadline (the
-            # decoder was handed the item, then waited a scheduler round), and the item must
-            # not be dropped: a lost backfill page becomes a not_on_rest gap in the tape.
-            if received:
-                _take(item, decode, decoded, chunk, keeper, now)
-                taken = 1
-                if busy and coalesce_s > 0:
-                    await trio.sleep(coalesce_s)
-                for _ in range(DECODE_CHUNK - 1):
-                    try:
-                        item = frames_rx.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    except trio.EndOfChannel:
-                        ended = True
-                        break
-                    _take(item, decode, decoded, chunk, keeper, now)
-                    taken += 1
-            busy = taken >= COALESCE_WHEN_BACKLOG
-            if decoded:
-                chunk += keeper.admit(decoded, now)
-            if chunk:
-                await emit(chunk)
-            if ended:
-                break
-        await emit(keeper.flush("shutdown"))
-
-
-def _take(
-    item: Inbound,
-    decode: Callable[[Frame, list[Outgoing]], None],
-    decoded: list[Outgoing],
-    chunk: list[Outgoing],
-    keeper: TapeKeeper,
-    now: float,
-) -> None:
-    if isinstance(item, Frame):
-        decode(item, decoded)
-        return
-    # Records decoded so far came first: take them through the keeper before the notice.
-    chunk += keeper.admit(decoded, now)
-    decoded.clear()
-    if isinstance(item, Reconnected):
-        keeper.on_reconnect(item)
-    else:
-        chunk += keeper.on_backfill(item, now)
 
 
 def make_decoder(rt: Runtime) -> Decoder:
@@ -210,14 +104,15 @@ def _requester(requests_tx: trio.MemorySendChannel[Request]) -> Callable[[Reques
 async def _run_backfill(
     rt: Runtime,
     requests_rx: trio.MemoryReceiveChannel[Request],
-    results_tx: trio.MemorySendChannel[Inbound],
+    deliver: Callable[[BackfillResult], Awaitable[None]],
     scope: trio.CancelScope,
 ) -> None:
-    """The REST backfill worker; its results go back to the decoder in frame order. Binance
-    REST's reachability (calls and a periodic ping) is reported as the `backfill` entry."""
+    """The REST backfill worker; it applies its results through the tape keeper itself
+    (`TapeIntake.deliver_backfill`). Binance REST's reachability (calls and a periodic ping) is
+    reported as the `backfill` entry."""
     cfg = rt.config
     with scope:
-        async with results_tx, requests_rx:
+        async with requests_rx:
             if not cfg.backfill.enabled:
                 await trio.sleep_forever()
             watch = RestWatch(rt)
@@ -236,7 +131,7 @@ async def _run_backfill(
                     await run_backfill(
                         requests_rx,
                         rest,
-                        results_tx.send,
+                        deliver,
                         give_up_after_s=cfg.backfill.give_up_after_s,
                         concurrency=cfg.backfill.concurrency,
                         metrics=rt.metrics,
@@ -349,7 +244,6 @@ async def _run_ingest(
 ) -> None:
     cfg = rt.config
     stats = sink.stats
-    frames_tx, frames_rx = trio.open_memory_channel[Inbound](cfg.ingest.frame_buffer)
     # Backfill requests from the keeper; bounded: a full queue records the range as a gap.
     requests_tx, requests_rx = trio.open_memory_channel[Request](1024)
     keeper = TapeKeeper(
@@ -380,17 +274,34 @@ async def _run_ingest(
         # exchange traded while marketd was down is backfilled as a "restart" gap.
         keeper.seed_trades(seeds)
         log.info("ingest.resumed_tape", symbols=len(seeds))
+    # Batches for the producer stage's task: with the spool, only what `offer` could not take
+    # (spooling, or librdkafka's queue full); without, nothing (its closing ends the input).
     batches_tx, batches_rx = trio.open_memory_channel[Batch](cfg.ingest.batch_buffer)
-    fill = rt.metrics.gauge("channel_fill", "items buffered between stages", ["channel"])
-    channels: tuple[tuple[str, trio.MemorySendChannel[Any]], ...] = (
-        ("frames", frames_tx),
-        ("batches", batches_tx),
-    )
-    for name, ch in channels:
-        fill.labels(name).set_function(functools.partial(_buffered, ch))
     batch_sizes = rt.metrics.fast_histogram(
         "batch_size", "records per produced batch", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
     )
+    spooling: SpoolingProducer | None = None
+    target: Sink = sink
+    if spool is not None:
+        spooling = SpoolingProducer(
+            sink,
+            spool,
+            cfg.spool,
+            trades_topic=cfg.topics.raw_trades,
+            topic_tail=topic_tail,
+            read_tail=functools.partial(_read_trade_tail, rt),
+            replay_deadline_s=cfg.kafka.flush_timeout_s,
+            metrics=rt.metrics,
+        )
+        spooling.connect(batches_tx)
+        target = spooling
+    outbox = Outbox(target, cfg.batch.size, batch_sizes=batch_sizes)
+    tape = TapeIntake(make_decoder(rt), keeper, outbox)
+    fill = rt.metrics.gauge("channel_fill", "items buffered between stages", ["channel"])
+    # "outbox": records through the tape keeper, waiting for the producer (it replaces the
+    # frames channel of the former decode stage); "batches": the producer stage's channel.
+    fill.labels("outbox").set_function(outbox.__len__)
+    fill.labels("batches").set_function(functools.partial(_buffered, batches_tx))
 
     source_metrics = SourceMetrics.create(rt.metrics)
     attempts = TokenBucket(cfg.binance.connect_attempts_per_5min, 300.0)
@@ -398,52 +309,32 @@ async def _run_ingest(
     links = [ConnectionState() for _ in connections]
     kafka_check = KafkaCheck(sink, rt.kafka_bootstrap, spooling=spool is not None)
     watch_scope = trio.CancelScope()
+    tick_scope = trio.CancelScope()
+    backfill_scope = trio.CancelScope()
 
     async with trio.open_nursery() as nursery:
-        if spool is None:
+        if spooling is None:
             await nursery.start(run_producer, batches_rx, sink)
         else:
-            spooling = SpoolingProducer(
-                sink,
-                spool,
-                cfg.spool,
-                trades_topic=cfg.topics.raw_trades,
-                topic_tail=topic_tail,
-                read_tail=functools.partial(_read_trade_tail, rt),
-                replay_deadline_s=cfg.kafka.flush_timeout_s,
-                metrics=rt.metrics,
-            )
             await nursery.start(spooling.run, batches_rx)
-        await nursery.start(
-            functools.partial(
-                run_decoder,
-                batch_size=cfg.batch.size,
-                batch_sizes=batch_sizes,
-                # Without a spool the decoder produces itself (no task hop per batch); the
-                # spooling stage keeps its channel: it decides per batch between Kafka and disk.
-                produce=sink.produce_batch if spool is None else None,
-                coalesce_s=cfg.ingest.coalesce_ms / 1000,
-            ),
-            frames_rx,
-            batches_tx,
-            make_decoder(rt),
-            keeper,
-        )
-        backfill_scope = trio.CancelScope()
-        nursery.start_soon(_run_backfill, rt, requests_rx, frames_tx.clone(), backfill_scope)
-        async with frames_tx, trio.open_nursery() as sources:
+        nursery.start_soon(_in_scope, tick_scope, functools.partial(tape.run_ticks, TICK_S))
+        nursery.start_soon(_run_backfill, rt, requests_rx, tape.deliver_backfill, backfill_scope)
+        async with trio.open_nursery() as sources:
             for conn_id, streams in enumerate(connections):
                 sources.start_soon(
-                    run_connection,
-                    conn_id,
-                    streams,
-                    cfg.binance,
-                    cfg.rotation,
-                    frames_tx.clone(),
-                    attempts,
-                    source_metrics,
-                    stop_reading,
-                    links[conn_id],
+                    functools.partial(
+                        run_connection,
+                        conn_id,
+                        streams,
+                        cfg.binance,
+                        cfg.rotation,
+                        _intake_for(streams, tape),
+                        attempts,
+                        source_metrics,
+                        stop_reading,
+                        links[conn_id],
+                        coalesce_s=cfg.ingest.coalesce_ms / 1000,
+                    )
                 )
             nursery.start_soon(
                 _in_scope,
@@ -469,11 +360,16 @@ async def _run_ingest(
             rt.health.set("ingest", healthy=False, reason="draining")
             stop_reading.set()
         # Sources are done. Running backfills get a short grace to repair what they are
-        # fetching; what is still missing then becomes gap records when the keeper flushes.
+        # fetching (their results and the keeper's ticks still flow); what is still missing
+        # then becomes gap records when the keeper flushes.
         with trio.move_on_after(min(5.0, cfg.shutdown.drain_timeout_s / 3)):
             while keeper.trades.held():  # noqa: ASYNC110 - state of a pure object, no event
                 await trio.sleep(0.05)
         backfill_scope.cancel()
+        tick_scope.cancel()
+        tape.flush("shutdown")
+        await tape.settle()  # everything through the keeper is with the sink now
+        await batches_tx.aclose()  # end of input: the producer stage flushes
     summary = stats.summary()
     latency = stats.latency.labels()
     log.info(
@@ -485,6 +381,14 @@ async def _run_ingest(
         acked=latency.count,
     )
     rt.health.set("ingest", healthy=False, reason="stopped")
+
+
+def _intake_for(streams: Sequence[StreamSpec], tape: TapeIntake) -> FrameIntake:
+    """Where a connection's frames go, by the kinds of its streams. Every kind marketd ingests
+    today goes to the tape (decode -> tape keeper -> Kafka). The seam for order books: depth
+    streams (StreamKind.DEPTH, DEPTH_PARTIAL) will get their own intake here, feeding the book
+    keeper (marketd/books, docs/books.md) on their connections' tasks the same way."""
+    return tape
 
 
 async def _in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:

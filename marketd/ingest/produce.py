@@ -241,16 +241,11 @@ class KafkaSink:
                 await trio.sleep(0.001)
             self._in_flight = trio.Event()
 
-    async def produce_batch(
-        self,
-        batch: Batch,
-        give_up: Callable[[], object] | None = None,
-        *,
-        counted: bool = False,
-    ) -> Batch:
-        """Hand `batch` to librdkafka; returns the part not handed over (only when `give_up()`
-        turned true while waiting for room in a full queue: the caller spools it). `counted`:
-        the records were counted as accepted already (the spooling stage, going live)."""
+    def produce_now(self, batch: Batch, *, counted: bool = False) -> int:
+        """Hand records of `batch` to librdkafka, in order, until its local queue is full;
+        returns how many it took (all of them unless BufferError). Never waits: the ingest
+        path calls it from the connection task that decoded the batch (docs/performance.md §7).
+        `counted`: the records were counted as accepted already (the spooling stage)."""
         producer = self._producer
         accepted = _UNCOUNTED if counted else self.stats.accepted
         on_delivery = self._on_delivery
@@ -259,33 +254,59 @@ class KafkaSink:
             self.progress_at = self._clock()  # idle until now: the ack clock starts here
         seq = self._seq
         unacked = self.unacked
-        for i, out in enumerate(batch):
-            while True:
-                try:
-                    producer.produce(
-                        out.topic,
-                        out.value,
-                        out.key,
-                        on_delivery=partial(on_delivery, out.recv_ns, seq),
-                        headers=out.headers,
-                    )
-                    break
-                except BufferError:
-                    # Local queue full: Kafka is slower than we read. Wait for room; the bounded
-                    # channels upstream then slow the reader (backpressure, not a drop).
-                    self._seq = seq
-                    with trio.CancelScope(shield=True):  # never leave a batch half-produced
-                        room = await self._wait_for_room(give_up)
-                    if not room:
-                        self._in_flight.set()
-                        return batch[i:]
-            if unacked is not None:
-                unacked[seq] = out
-            seq += 1
-            accepted.inc(out.topic)
-        self._seq = seq
+        taken = 0
+        try:
+            for out in batch:
+                producer.produce(
+                    out.topic,
+                    out.value,
+                    out.key,
+                    on_delivery=partial(on_delivery, out.recv_ns, seq),
+                    headers=out.headers,
+                )
+                if unacked is not None:
+                    unacked[seq] = out
+                seq += 1
+                taken += 1
+                accepted.inc(out.topic)
+        except BufferError:
+            pass  # local queue full: the caller waits for room (`room`), then offers the rest
+        finally:
+            self._seq = seq
         producer.poll(0)
         self._in_flight.set()
+        return taken
+
+    # The ingest path's sink protocol (marketd/ingest/intake.py): `offer` now, `put` to wait.
+    offer = produce_now
+
+    async def put(self, rest: Batch) -> int:
+        """`offer` did not take `rest` (queue full): wait for room. Takes nothing itself (the
+        caller offers again), so a cancellation here loses nothing."""
+        await self.room()
+        return 0
+
+    async def produce_batch(
+        self,
+        batch: Batch,
+        give_up: Callable[[], object] | None = None,
+        *,
+        counted: bool = False,
+    ) -> Batch:
+        """Hand `batch` to librdkafka, waiting for room when its queue is full; returns the part
+        not handed over (only when `give_up()` turned true while waiting: the caller spools
+        it). `counted`: the records were counted as accepted already (the spooling stage)."""
+        while batch:
+            taken = self.produce_now(batch, counted=counted)
+            if taken == len(batch):
+                break
+            batch = batch[taken:]
+            # Local queue full: Kafka is slower than we read. Wait for room; upstream then slows
+            # the reader (backpressure, not a drop).
+            with trio.CancelScope(shield=True):  # never leave a batch half-produced
+                room = await self.room(give_up)
+            if not room:
+                return batch
         await trio.lowlevel.checkpoint()
         return []
 
@@ -298,7 +319,8 @@ class KafkaSink:
         )
         self._in_flight.set()
 
-    async def _wait_for_room(self, give_up: Callable[[], object] | None = None) -> bool:
+    async def room(self, give_up: Callable[[], object] | None = None) -> bool:
+        """Wait until librdkafka's queue has room again; False when `give_up()` turned true."""
         # Whichever limit was hit (messages or kbytes), wait until a tenth of the queue has been
         # delivered before retrying, so we do not spin on BufferError one message at a time.
         self.backpressure_waits += 1

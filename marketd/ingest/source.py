@@ -1,11 +1,13 @@
-"""WebSocket source: one task per connection, reading and timestamping frames, nothing more.
+"""WebSocket source: one task per connection, reading frames and taking them through the ingest.
 
 Each connection subscribes to its streams through the combined-stream URL, keeps itself alive
 (our pings, silence watchdog per stream kind), reconnects with capped full-jitter backoff under a
-shared connection-attempt budget, and hands every frame to the decoder through a bounded channel.
-Decoding happens elsewhere so this task always drains trio-websocket promptly (a stalled reader
-stops answering Binance's pings). On shutdown it stops reading; a frame already received is
-always handed over first: nothing received is dropped.
+shared connection-attempt budget. Its task takes every frame trio-websocket has parsed (one
+`get_message()`, then what is already buffered, without another wake-up), hands the chunk to its
+`FrameIntake` (decode, tape keeper, Kafka: marketd/ingest/intake.py) synchronously and waits only
+when the sink is full, bounded by `binance.backpressure_close_s` (a reader that stops reading stops
+answering Binance's pings). On shutdown it stops reading; a chunk received is always taken by the
+intake before the next await: nothing received is dropped.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import attrs
@@ -27,7 +29,6 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, ConnectionTimeo
 from marketd.backoff import Backoff
 from marketd.config import BinanceConfig, RotationConfig
 from marketd.errors import ConnectionLost
-from marketd.ingest.decode import Frame
 from marketd.ingest.limits import TokenBucket
 from marketd.ingest.streams import StreamSpec
 from marketd.ingest.tape import Reconnected
@@ -36,6 +37,15 @@ from marketd.metrics import FastCounter, MetricsFactory
 
 log = get_logger(__name__)
 
+# Messages trio-websocket's reader task may parse ahead of ours (its `message_queue_size`). While
+# our task works on a chunk or sleeps to coalesce, the reader goes on parsing into this queue; our
+# task then takes all of it in one wake-up. Bounded: when it is full the reader stops reading the
+# socket (TCP backpressure). 256 frames is > 4 ms of the fastest stream set measured here
+# (docs/performance.md §7); 1 (the old value) forced one scheduler round per message.
+WS_QUEUE_FRAMES = 256
+# A chunk with at least this many frames means frames arrive faster than they are taken one by
+# one: the task then waits `ingest.coalesce_ms` before reading again (docs/performance.md §7).
+COALESCE_WHEN_BACKLOG = 2
 # trio-websocket refuses larger messages by closing with 1009; keep that well above the
 # decoder's own limit so oversized frames normally reach the decoder and are dead-lettered.
 WS_HARD_LIMIT_FACTOR = 4
@@ -49,6 +59,28 @@ _CLOSE_REASONS = {
     1009: "too_big",
     1011: "server_error",
 }
+
+
+class FrameIntake(Protocol):
+    """What a connection hands its frames to (marketd/ingest/intake.py `TapeIntake`)."""
+
+    def take(self, messages: Sequence[str | bytes], recv_ns: int, conn: int) -> None: ...
+    def on_reconnect(self, notice: Reconnected) -> None: ...
+    def settle_now(self) -> bool: ...
+    async def settle(self) -> None: ...
+
+
+def buffered_messages(ws: trio_websocket.WebSocketConnection) -> Callable[[], str | bytes]:
+    """`receive_nowait` of the queue trio-websocket's reader task fills and `get_message()`
+    awaits: what the reader already parsed, without a scheduler round per message (raises
+    trio.WouldBlock when empty, trio.EndOfChannel once the connection closed).
+
+    trio-websocket 0.12 has no public non-blocking receive; `_recv_channel` is private. If a
+    release renames it, tests/ingest/test_source.py fails (and here we would raise
+    AttributeError at connect, never lose a frame).
+    """
+    channel: trio.MemoryReceiveChannel[str | bytes] = ws._recv_channel
+    return channel.receive_nowait
 
 
 def stream_url(base: str, streams: Sequence[StreamSpec], time_unit: str) -> str:
@@ -115,14 +147,16 @@ async def run_connection(
     streams: Sequence[StreamSpec],
     cfg: BinanceConfig,
     rotation: RotationConfig,
-    frames_tx: trio.MemorySendChannel[Any],
+    intake: FrameIntake,
     attempts: TokenBucket,
     metrics: SourceMetrics,
     stop: trio.Event,
     state: ConnectionState | None = None,
+    *,
+    coalesce_s: float = 0.0,
 ) -> None:
     """Keep one connection up until `stop` is set; reconnect on any failure. `state` (when
-    given) is kept up to date for the health watch."""
+    given) is kept up to date for the health watch. `coalesce_s`: see COALESCE_WHEN_BACKLOG."""
     url = stream_url(cfg.ws_url, streams, cfg.time_unit)
     backoff = Backoff(cfg.reconnect_initial_delay_s, cfg.reconnect_max_delay_s)
     conn = str(conn_id)
@@ -130,42 +164,40 @@ async def run_connection(
     state.silence_limit_s = silence_limit(cfg, streams)
     metrics.last_frame.labels(conn).set_function(lambda: state.last_frame_ns / 1e9)
     lost_before = False
-    async with frames_tx:
-        while not stop.is_set():
-            await attempts.take()
-            link = _Link(
-                conn_id, url, streams, cfg, rotation, frames_tx, attempts, metrics, stop, state
-            )
-            # After a loss, the new connection first tells the decoder (in frame order) that
-            # its streams may have a hole, so the tape keeper checks the next ids at once.
-            link.notify_reconnect = lost_before
-            lost_before = True
-            try:
-                await link.run()
-                reason, detail = "shutdown", ""
-            except ConnectionLost as exc:
-                reason, detail = exc.reason, exc.detail
-            finally:
-                metrics.connected.labels(conn).set(0)
-                state.open = False
-            if stop.is_set():
-                break
-            state.last_error = f"{reason}: {detail}" if detail else reason
-            metrics.reconnects.labels(conn, reason).inc()
-            up_since = link.connected_at
-            if up_since is not None and trio.current_time() - up_since >= cfg.healthy_after_s:
-                backoff.reset()
-            delay = backoff.delay()
-            log.warning(
-                "ws.disconnected",
-                conn=conn_id,
-                reason=reason,
-                detail=detail[:300],
-                reconnect_in_s=round(delay, 3),
-                attempt=backoff.attempt,
-            )
-            with trio.move_on_after(delay):
-                await stop.wait()
+    while not stop.is_set():
+        await attempts.take()
+        link = _Link(conn_id, url, streams, cfg, rotation, intake, attempts, metrics, stop, state)
+        link.coalesce_s = coalesce_s
+        # After a loss, the new connection first tells the tape keeper (before its first frame)
+        # that its streams may have a hole, so the keeper checks the next ids at once.
+        link.notify_reconnect = lost_before
+        lost_before = True
+        try:
+            await link.run()
+            reason, detail = "shutdown", ""
+        except ConnectionLost as exc:
+            reason, detail = exc.reason, exc.detail
+        finally:
+            metrics.connected.labels(conn).set(0)
+            state.open = False
+        if stop.is_set():
+            break
+        state.last_error = f"{reason}: {detail}" if detail else reason
+        metrics.reconnects.labels(conn, reason).inc()
+        up_since = link.connected_at
+        if up_since is not None and trio.current_time() - up_since >= cfg.healthy_after_s:
+            backoff.reset()
+        delay = backoff.delay()
+        log.warning(
+            "ws.disconnected",
+            conn=conn_id,
+            reason=reason,
+            detail=detail[:300],
+            reconnect_in_s=round(delay, 3),
+            attempt=backoff.attempt,
+        )
+        with trio.move_on_after(delay):
+            await stop.wait()
 
 
 @attrs.define(eq=False)
@@ -196,7 +228,7 @@ class _Link:
         streams: Sequence[StreamSpec],
         cfg: BinanceConfig,
         rotation: RotationConfig,
-        frames_tx: trio.MemorySendChannel[Any],
+        intake: FrameIntake,
         attempts: TokenBucket,
         metrics: SourceMetrics,
         stop: trio.Event,
@@ -207,7 +239,7 @@ class _Link:
         self.streams = streams
         self.cfg = cfg
         self.rotation = rotation
-        self.frames_tx = frames_tx
+        self.intake = intake
         self.attempts = attempts
         self.metrics = metrics
         self.stop = stop
@@ -215,6 +247,7 @@ class _Link:
         self.connected_at: float | None = None
         self.rotations = 0
         self.notify_reconnect = False
+        self.coalesce_s = 0.0
 
     async def run(self) -> None:
         """Returns when `stop` is set; raises ConnectionLost when the link is lost."""
@@ -289,7 +322,7 @@ class _Link:
                 self.url,
                 ssl_context=ssl_context,
                 max_message_size=max(cfg.max_frame_bytes * WS_HARD_LIMIT_FACTOR, 8 << 20),
-                message_queue_size=1,
+                message_queue_size=WS_QUEUE_FRAMES,
                 connect_timeout=cfg.connection_timeout_s,
                 disconnect_timeout=2,
             ) as ws:
@@ -305,7 +338,7 @@ class _Link:
                 )
                 if self.notify_reconnect:
                     self.notify_reconnect = False
-                    await self.frames_tx.send(Reconnected(self.conn_id, tuple(self.streams)))
+                    self.intake.on_reconnect(Reconnected(self.conn_id, tuple(self.streams)))
                 if not wait_first_frame:
                     task_status.started(sock)
                 async with trio.open_nursery() as nursery:
@@ -314,12 +347,13 @@ class _Link:
                         await _read(
                             self.conn_id,
                             ws,
-                            self.frames_tx,
+                            self.intake,
                             self.state,
                             self.metrics,
                             cfg,
                             sock,
                             task_status if wait_first_frame else None,
+                            self.coalesce_s,
                         )
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -416,68 +450,78 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 async def _read(
     conn_id: int,
     ws: trio_websocket.WebSocketConnection,
-    frames_tx: trio.MemorySendChannel[Any],
+    intake: FrameIntake,
     state: ConnectionState,
     metrics: SourceMetrics,
     cfg: BinanceConfig,
     sock: _Socket,
     first_frame_status: trio.TaskStatus[_Socket] | None,
+    coalesce_s: float = 0.0,
 ) -> None:
-    """Read and hand over frames until cancelled (stop, retired) or the socket ends (raises).
+    """Read chunks of frames and take them through the intake until cancelled (stop, retired)
+    or the socket ends (raises).
 
-    Cancellation only ever lands in `get_message()`: the hand-over is not a cancellation point
-    on the fast path and is shielded on the slow one, so a frame received is never dropped.
+    A chunk is what one `get_message()` returns plus what trio-websocket already parsed; it
+    goes into the intake without an await in between, so a frame received is never dropped
+    (cancellation lands in `get_message()`, in the wait for the sink, whose outbox keeps what it
+    holds, or in the coalescing sleep, which holds nothing).
     """
     conn = str(conn_id)
     frames_counter = metrics.frames
-    send_nowait = frames_tx.send_nowait
     get_message = ws.get_message
+    buffered = buffered_messages(ws)
+    take = intake.take
+    settle_now = intake.settle_now
     time_ns = time.time_ns
     n = 0
     try:
         while True:
-            message = await get_message()
-            frame = Frame(message, time_ns(), conn_id)
-            n += 1
-            state.last_frame_ns = frame.recv_ns
-            try:
-                send_nowait(frame)
-            except trio.WouldBlock:
-                await _hand_over_slowly(frame, frames_tx, cfg, conn_id)
+            chunk = [await get_message()]
+            while True:
+                try:
+                    chunk.append(buffered())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break  # empty; or closed: the next get_message() raises ConnectionClosed
+            recv_ns = time_ns()
+            state.last_frame_ns = recv_ns
+            take(chunk, recv_ns, conn_id)
+            n += len(chunk)
+            for message in chunk:
+                if type(message) is str and "serverShutdown" in message:
+                    # Binance closes this socket soon: keep reading until the replacement
+                    # delivers.
+                    sock.shutdown_announced.set()
+            if not settle_now():
+                await _settle_slowly(intake, cfg, conn_id)
             if first_frame_status is not None:
                 first_frame_status.started(sock)
                 first_frame_status = None
             if n >= 256:
                 frames_counter.inc(conn, n)
                 n = 0
-            if type(message) is str and "serverShutdown" in message:
-                # Binance closes this socket soon: keep reading until the replacement delivers.
-                sock.shutdown_announced.set()
+            if coalesce_s > 0 and len(chunk) >= COALESCE_WHEN_BACKLOG:
+                await trio.sleep(coalesce_s)
     finally:
         frames_counter.inc(conn, n)
 
 
-async def _hand_over_slowly(
-    frame: Frame, frames_tx: trio.MemorySendChannel[Any], cfg: BinanceConfig, conn_id: int
-) -> None:
-    """The decoder is behind: wait for room, shielded so a received frame is never lost.
+async def _settle_slowly(intake: FrameIntake, cfg: BinanceConfig, conn_id: int) -> None:
+    """Kafka (or the spool) is behind: wait for the sink, at most `backpressure_close_s`.
 
-    Past `backpressure_close_s` we stop reading this connection (Binance drops a connection whose
-    pongs are a minute late, and trio-websocket does not answer pings while we do not read): the
-    frame is still handed over, then the connection closes and reconnects later.
+    Past it we stop reading this connection (Binance drops a connection whose pongs are a minute
+    late, and trio-websocket does not answer pings while we do not read): what was taken stays
+    in the outbox for the next task that drains it; the connection closes and reconnects later.
     """
-    with trio.CancelScope(shield=True):
-        with trio.move_on_after(cfg.backpressure_close_s) as waited:
-            await frames_tx.send(frame)
-        if not waited.cancelled_caught:
-            return
-        log.warning(
-            "ws.backpressure",
-            conn=conn_id,
-            waited_s=cfg.backpressure_close_s,
-            action="closing; will reconnect when the pipeline has room",
-        )
-        await frames_tx.send(frame)
+    with trio.move_on_after(cfg.backpressure_close_s) as waited:
+        await intake.settle()
+    if not waited.cancelled_caught:
+        return
+    log.warning(
+        "ws.backpressure",
+        conn=conn_id,
+        waited_s=cfg.backpressure_close_s,
+        action="closing; will reconnect when the pipeline has room",
+    )
     raise ConnectionLost("backpressure", f"pipeline full for {cfg.backpressure_close_s}s")
 
 

@@ -133,6 +133,10 @@ class SpoolingProducer:
         self._read_tail = read_tail
         self._clock = clock
         self._probe_wanted = trio.Event()
+        # Batches handed to the stage's task by `put` and not handled yet: while any is, `offer`
+        # takes nothing (a batch produced directly would overtake them).
+        self._queued = 0
+        self._batches_tx: trio.MemorySendChannel[Batch] | None = None
         sink.track(self.core.on_original)
         m = metrics or MetricsFactory()
         self._m_outages = m.counter(
@@ -150,6 +154,42 @@ class SpoolingProducer:
     @property
     def kafka_up(self) -> bool:
         return self.core.kafka_up
+
+    # -- the ingest path's entry (marketd/ingest/intake.py) -------------------------------------
+
+    def connect(self, batches_tx: trio.MemorySendChannel[Batch]) -> None:
+        """The send end of the channel `run` receives from, for `put`."""
+        self._batches_tx = batches_tx
+
+    def offer(self, batch: Batch) -> int:
+        """Called by whichever task cut `batch` (no task hop): while the stage is live and its
+        task holds nothing, produce it at once; returns how many records librdkafka took (all
+        unless its queue is full). Spooling, or with batches queued for the task: 0 (`put`)."""
+        if self._queued or self.core.spooling:
+            return 0
+        produce = self.core.on_batch(batch)  # live: Produce(batch), the same list
+        assert isinstance(produce, Produce) and produce.records is batch
+        return self.sink.produce_now(batch)
+
+    async def put(self, rest: Batch) -> int:
+        """What `offer` did not take goes to the stage's task (it waits for room in
+        librdkafka's queue watching the outage signals, or spools); waits while the channel is
+        full (backpressure to the WebSocket). Returns len(rest): the task owns it now (a send
+        that is cancelled sends nothing: trio's channels are atomic)."""
+        tx = self._batches_tx
+        assert tx is not None, "connect() the batch channel first"
+        self._queued += 1
+        try:
+            await tx.send(rest)
+        except BaseException:
+            self._queued -= 1
+            raise
+        return len(rest)
+
+    def _handled(self) -> None:
+        """The task is done with one batch from its channel."""
+        if self._queued:
+            self._queued -= 1
 
     # -- the stage ------------------------------------------------------------------------------
 
@@ -198,7 +238,11 @@ class SpoolingProducer:
             async for batch in batches_rx:
                 produce = on_batch(batch)  # live: Produce(batch), the same list
                 assert isinstance(produce, Produce) and produce.records is batch
-                if not await self._produce_live(batch):
+                try:
+                    live = await self._produce_live(batch)
+                finally:
+                    self._handled()  # also when the watcher cancels the final checkpoint
+                if not live:
                     nursery.cancel_scope.cancel()
                     return False
             nursery.cancel_scope.cancel()
@@ -281,7 +325,11 @@ class SpoolingProducer:
                 if isinstance(cmd, GoLive):
                     # What came in since the last append goes to Kafka now (counted on receipt).
                     if cmd.produce:
-                        await self._produce_live(list(cmd.produce), counted=True)
+                        self._queued += 1  # `offer` must not overtake these
+                        try:
+                            await self._produce_live(list(cmd.produce), counted=True)
+                        finally:
+                            self._handled()
                     return False
             wait = core.wait_s(spool.unread)
             if not core.takes_batches:
@@ -296,6 +344,7 @@ class SpoolingProducer:
     def _take(self, batch: Batch) -> None:
         self._accept(batch)
         self.core.on_batch(batch)
+        self._handled()
 
     def _accept(self, records: Iterable[Any]) -> None:
         accepted = self.sink.stats.accepted

@@ -1,11 +1,10 @@
-"""Batching in the decode stage: size-bounded batches, in tape order, never held back, and a
-full producer channel stops the stage from taking frames (backpressure to the readers)."""
+"""Batches on the ingest path (intake.py): size-bounded, in tape order, never held back, handed
+over without a task hop; a full sink makes the tasks that hand it records wait (backpressure to
+the readers) without losing or reordering anything, whichever task was cancelled."""
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Awaitable, Callable
 
 import msgspec
 import pytest
@@ -14,7 +13,7 @@ import trio.testing
 
 from marketd.ingest.batch import Batch, split_batches
 from marketd.ingest.decode import Decoder, Frame, Outgoing, Topics
-from marketd.ingest.pipeline import Inbound, run_decoder
+from marketd.ingest.intake import Outbox, Sink, TapeIntake
 from marketd.ingest.tape import TapeKeeper
 from marketd.records import TradeRecord
 from tests.ingest import frames as f
@@ -48,102 +47,142 @@ def test_split_batches_refuses_a_size_below_one() -> None:
         split_batches([rec(1)], 0)
 
 
-async def start(
-    nursery: trio.Nursery,
-    batch_size: int,
-    *,
-    frame_buffer: int = 100,
-    batch_buffer: int = 100,
-    produce: Callable[[Batch], Awaitable[object]] | None = None,
-) -> tuple[trio.MemorySendChannel[Inbound], trio.MemoryReceiveChannel[Batch]]:
+class ListSink:
+    """Takes batches at once (or, `open` False, takes nothing and waits in `put`)."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.open = True
+        self.opened = trio.Event()
+        self.puts = 0
+
+    def offer(self, batch: Batch) -> int:
+        if not self.open:
+            return 0
+        self.batches.append(list(batch))
+        return len(batch)
+
+    async def put(self, rest: Batch) -> int:
+        self.puts += 1
+        await self.opened.wait()
+        return 0
+
+    def let_through(self) -> None:
+        self.open = True
+        self.opened.set()
+
+
+def intake(sink: Sink, batch_size: int, *, limit: int = 100) -> TapeIntake:
     keeper = TapeKeeper(
         gaps_topic="gaps",
         backfill_topics={TradeRecord: "raw_trades"},
         request=lambda _r: False,
         gap_grace_s=0.0,
     )
-    frames_tx, frames_rx = trio.open_memory_channel[Inbound](frame_buffer)
-    batches_tx, batches_rx = trio.open_memory_channel[Batch](batch_buffer)
-    await nursery.start(
-        functools.partial(run_decoder, batch_size=batch_size, produce=produce, coalesce_s=0.0),
-        frames_rx,
-        batches_tx,
-        Decoder(TOPICS),
-        keeper,
-    )
-    return frames_tx, batches_rx
+    return TapeIntake(Decoder(TOPICS), keeper, Outbox(sink, batch_size, limit=limit))
+
+
+def frames(*ids: int) -> list[str]:
+    return [f.trade(i) for i in ids]
+
+
+def tape(sink: ListSink) -> list[int]:
+    return [i for b in sink.batches for i in trade_ids(b)]
 
 
 async def test_a_batch_goes_out_at_once_when_idle(autojump_clock: trio.testing.MockClock) -> None:
-    async with trio.open_nursery() as nursery:
-        frames_tx, batches_rx = await start(nursery, batch_size=100)
-        t0 = trio.current_time()
-        got: list[int] = []
-        for trade_id in (1, 2, 3):
-            await frames_tx.send(frame(trade_id))
-        while len(got) < 2:  # the newest id may wait for the next trade (outlier screen)
-            got += trade_ids(await batches_rx.receive())
-        assert got[:2] == [1, 2]
-        assert trio.current_time() == t0  # no added latency on an idle pipeline
-        nursery.cancel_scope.cancel()
+    sink = ListSink()
+    t = intake(sink, batch_size=100)
+    t0 = trio.current_time()
+    t.take(frames(1, 2, 3), time.time_ns(), 0)
+    assert t.settle_now()
+    assert tape(sink)[:2] == [1, 2]  # the newest id may wait for the next trade (outlier screen)
+    assert trio.current_time() == t0  # no added latency, no task hop
 
 
 async def test_batches_never_exceed_size_and_keep_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        frames_tx, batches_rx = await start(nursery, batch_size=10)
-        for trade_id in range(1, 36):
-            frames_tx.send_nowait(frame(trade_id))
-        await frames_tx.aclose()
-        got: list[int] = []
-        async for batch in batches_rx:
-            assert 1 <= len(batch) <= 10
-            got += trade_ids(batch)
-        assert got == list(range(1, 36))
+    sink = ListSink()
+    t = intake(sink, batch_size=10)
+    for start in range(1, 36, 7):
+        t.take(frames(*range(start, start + 7)), time.time_ns(), 0)
+        await t.settle()
+    t.flush()
+    await t.settle()
+    assert all(1 <= len(b) <= 10 for b in sink.batches)
+    assert tape(sink) == list(range(1, 36))
 
 
-async def test_end_of_input_flushes_everything_and_closes(
+async def test_end_of_input_flushes_what_the_keeper_holds(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        frames_tx, batches_rx = await start(nursery, batch_size=1000)
-        await frames_tx.send(frame(1))
-        await frames_tx.aclose()
-        batches = [b async for b in batches_rx]
-        assert [i for b in batches for i in trade_ids(b)] == [1]
+    sink = ListSink()
+    t = intake(sink, batch_size=1000)
+    t.take(frames(1), time.time_ns(), 0)
+    t.flush()
+    await t.settle()
+    assert tape(sink) == [1]
 
 
-async def test_backpressure_when_the_producer_is_slow(
+async def test_a_full_sink_is_backpressure_past_the_outbox_limit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    sink = ListSink()
+    sink.open = False
+    t = intake(sink, batch_size=5, limit=10)
+    t.take(frames(1, 2, 3), time.time_ns(), 0)
+    assert not t.settle_now()
     async with trio.open_nursery() as nursery:
-        frames_tx, _batches_rx = await start(nursery, batch_size=5, frame_buffer=2, batch_buffer=0)
-        sent = 0
-        with trio.move_on_after(5):
-            while True:
-                await frames_tx.send(frame(sent + 1))
-                sent += 1
-        # Nobody takes batches: the stage blocks on its first batch, the frame channel holds two;
-        # then the reader's send blocks.
-        assert sent <= 10
-        nursery.cancel_scope.cancel()
+        nursery.start_soon(t.settle)  # the drainer: waits in put
+        await trio.testing.wait_all_tasks_blocked()
+        t.take(frames(4, 5), time.time_ns(), 1)
+        with trio.move_on_after(1) as waited:
+            await t.settle()  # under the limit: another task drains, this one goes on
+        assert not waited.cancelled_caught
+        t.take(frames(*range(6, 16)), time.time_ns(), 1)
+        with trio.move_on_after(1) as waited:
+            await t.settle()  # past the limit: waits for the drainer
+        assert waited.cancelled_caught
+        sink.let_through()
+    await t.settle()
+    t.flush()
+    await t.settle()
+    assert tape(sink) == list(range(1, 16))  # keeper order, across tasks
 
 
-async def test_without_a_spool_the_stage_produces_itself_and_closes_the_channel(
+async def test_a_drain_cancelled_while_waiting_loses_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    produced: list[Batch] = []
+    sink = ListSink()
+    sink.open = False
+    t = intake(sink, batch_size=4)
+    t.take(frames(*range(1, 11)), time.time_ns(), 0)
+    with trio.move_on_after(1):
+        await t.settle()
+    assert sink.puts == 1 and sink.batches == []
+    sink.let_through()
+    t.flush()
+    await t.settle()
+    assert tape(sink) == list(range(1, 11))
+    assert all(1 <= len(b) <= 4 for b in sink.batches)
 
-    async def produce(batch: Batch) -> None:
-        produced.append(batch)
-        await trio.lowlevel.checkpoint()
 
-    async with trio.open_nursery() as nursery:
-        frames_tx, batches_rx = await start(nursery, batch_size=4, produce=produce)
-        for trade_id in range(1, 11):
-            frames_tx.send_nowait(frame(trade_id))
-        await frames_tx.aclose()
-        assert [b async for b in batches_rx] == []  # end of input only
-    assert all(1 <= len(b) <= 4 for b in produced)
-    assert [i for b in produced for i in trade_ids(b)] == list(range(1, 11))
+class HalfSink(ListSink):
+    """Takes at most 3 records per offer (librdkafka's queue filling up)."""
+
+    def offer(self, batch: Batch) -> int:
+        self.batches.append(list(batch[:3]))
+        return min(3, len(batch))
+
+
+async def test_a_partly_taken_batch_goes_on_where_it_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sink = HalfSink()
+    sink.opened.set()
+    t = intake(sink, batch_size=5)
+    t.take(frames(*range(1, 13)), time.time_ns(), 0)
+    t.flush()
+    await t.settle()
+    assert tape(sink) == list(range(1, 13))
