@@ -391,6 +391,15 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
+class _Refused(Exception):
+    """A stream request answered with a JSON error instead of a stream."""
+
+    def __init__(self, status: int, **body: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
 class StreamApp:
     """ASGI: the three stream paths; everything else goes to `app` (Quart)."""
 
@@ -588,48 +597,46 @@ class StreamApp:
 
     # -- order books ------------------------------------------------------------------------
 
-    def _book_request(
-        self, scope: dict[str, Any]
-    ) -> tuple[str, int | None] | tuple[int, dict[str, Any]]:
-        """(symbol, depth) of a book stream request, or (status, error body)."""
+    def _book_request(self, scope: dict[str, Any]) -> tuple[str, int | None]:
+        """(symbol, depth) of a book stream request; _Refused with the answer otherwise."""
         raw = scope["path"][len(BOOK_PREFIX) :]
         try:
             symbol = normalise_symbol(raw)
         except BadSymbol:
-            return 400, {
-                "error": "invalid_symbol",
-                "detail": "a symbol is 2 to 30 letters or digits",
-                "symbol": raw[:64],
-            }
+            raise _Refused(
+                400,
+                error="invalid_symbol",
+                detail="a symbol is 2 to 30 letters or digits",
+                symbol=raw[:64],
+            ) from None
         if symbol not in self.book_symbols:
-            return 404, {
-                "error": "unknown_symbol",
-                "detail": "no order book is kept for this symbol",
-                "symbol": symbol,
-            }
+            raise _Refused(
+                404,
+                error="unknown_symbol",
+                detail="no order book is kept for this symbol",
+                symbol=symbol,
+            )
         query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
         raw_depth = query["depth"][-1] if "depth" in query else None
         try:
             return symbol, parse_depth(raw_depth, self.books.redis_depth)
         except BadDepth:
-            return 400, {
-                "error": "invalid_depth",
-                "detail": f"depth is an integer from 1 to {self.books.redis_depth}",
-                "depth": str(raw_depth)[:32],
-            }
+            raise _Refused(
+                400,
+                error="invalid_depth",
+                detail=f"depth is an integer from 1 to {self.books.redis_depth}",
+                depth=str(raw_depth)[:32],
+            ) from None
 
     async def _book(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """One symbol's book: a `snapshot`, then a `book` event per stored update (conflated
         to the newest while the client is behind), resumable with Last-Event-ID."""
         hub = self.book_hub
-        parsed = self._book_request(scope)
-        if isinstance(parsed[0], int):
-            status, body = parsed
-            assert isinstance(body, dict)
-            await _json_response(send, status, body)
+        try:
+            symbol, depth = self._book_request(scope)
+        except _Refused as refused:
+            await _json_response(send, refused.status, refused.body)
             return
-        symbol, depth = parsed
-        assert isinstance(symbol, str) and not isinstance(depth, dict)
         if hub is None or hub.closing.is_set():
             await _json_response(
                 send, 503, {"error": "unavailable", "detail": "the stream is not running"}

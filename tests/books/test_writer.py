@@ -66,9 +66,13 @@ async def test_views_land_in_redis_newest_per_symbol(redis_server: RedisProcess)
     board = BookBoard()
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
+        enabled = rt.config.components.enabled()
+        assert COMPONENT not in rt.health.entries(enabled)  # no books kept: no entry in /readyz
         with trio.fail_after(20):
             async with writer(rt, board, depth=1):
                 await until(lambda: healthy(rt))
+                entry = rt.health.entries(enabled)[COMPONENT]
+                assert entry["healthy"] and entry["reason"].startswith("writing books to redis")
                 board.publish(view(1))
                 board.publish(view(2, price="100.50"))
                 board.publish(view(7, symbol="ETHUSDT"))
