@@ -50,7 +50,9 @@ def book_key(symbol: str) -> str:
 # ARGV[4] = TTL (s); ARGV[5] = stream MAXLEN; ARGV[6] = symbol; ARGV[7..] = field/value.
 # Returns {status, last_update_id now stored (as text), update id}: 1 written, 0 older than
 # stored, 2 same id and state (the id is "" unless written). Update ids are compared as text of
-# equal length then lexically: Lua numbers are doubles and ids may exceed 2^53.
+# equal length then lexically: Lua numbers are doubles and ids may exceed 2^53. A same-id write
+# refreshes the TTL: the writer rewrites quiet books so that a book that is simply not changing
+# does not expire while its keeper runs (an older one does not: it is not the current book).
 CONDITIONAL_WRITE: Final = """
 local stored = redis.call('HGET', KEYS[1], 'last_update_id')
 local incoming = ARGV[1]
@@ -61,7 +63,10 @@ if stored and ARGV[3] ~= '1' then
     if #incoming < #stored or (#incoming == #stored and incoming < stored) then
       return {0, stored, ''}
     end
-    if incoming == stored then return {2, stored, ''} end
+    if incoming == stored then
+      redis.call('EXPIRE', KEYS[1], ARGV[4])
+      return {2, stored, ''}
+    end
   end
 end
 redis.call('DEL', KEYS[1])

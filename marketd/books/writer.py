@@ -80,6 +80,7 @@ class BookWriter:
         self.redis_at = address(rt.redis_url or "")
         self.pending: dict[str, BookView] = {}  # taken, not yet written
         self.written: dict[str, int] = {}  # last update id this writer stored, per symbol
+        self.written_at: dict[str, float] = {}  # trio time of the last write per symbol
         self.redis_up: bool | None = None  # None: not known yet
         self._wakeup = trio.Event()
         self._board_conflated = board.conflated
@@ -111,6 +112,16 @@ class BookWriter:
         if conflated:
             self.metrics.conflated.inc(conflated)
 
+    def refresh_quiet(self, now: float) -> None:
+        """Rewrite books not written for a third of the TTL (same id: only the TTL is renewed),
+        so a book that does not change stays readable while this writer runs."""
+        due = self.ttl_s / 3
+        for symbol, at in self.written_at.items():
+            if now - at >= due and symbol not in self.pending:
+                view = self.board.latest(symbol)
+                if view is not None:
+                    self.pending[symbol] = view
+
     def writes(self) -> list[BookWrite]:
         """The pending views; forced where this writer saw the book go back (a resync), and
         for a symbol's first write of this run (this process's book replaces an earlier run's)."""
@@ -130,6 +141,7 @@ class BookWriter:
                 with trio.move_on_after(REDIS_CHECK_S):
                     await self._wait_change_or_drain()
             self.take()
+            self.refresh_quiet(trio.current_time())
             if self.pending:
                 if not await self.write_pending():
                     await self._outage_wait()
@@ -168,7 +180,10 @@ class BookWriter:
         self.metrics.write_s.labels().observe(time.perf_counter() - started)
         self._ok_at = trio.current_time()
         self._up()
+        now = trio.current_time()
         for write, result in zip(writes, results, strict=True):
+            if result.status is not None:
+                self.written_at[write.view.symbol] = now
             self._account(write.view, result, acked)
         self.pending.clear()
         return True

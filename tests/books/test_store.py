@@ -197,3 +197,14 @@ def test_a_down_redis_is_store_unavailable(redis_server: RedisProcess) -> None:
             store.snapshot(["BTCUSDT"])
     finally:
         store.close()
+
+
+def test_a_same_id_write_renews_the_ttl_an_older_one_does_not(
+    store: BookStore, raw: redis.Redis
+) -> None:
+    write(store, view(8))
+    raw.expire(book_key("BTCUSDT"), 10)
+    assert write(store, view(7))[0].status is WriteStatus.OLDER
+    assert raw.ttl(book_key("BTCUSDT")) <= 10
+    assert write(store, view(8))[0].status is WriteStatus.DUPLICATE
+    assert raw.ttl(book_key("BTCUSDT")) > 50

@@ -15,8 +15,8 @@ import trio
 import trio.lowlevel
 
 from marketd.books.board import BookBoard, BookView
-from marketd.books.store import book_key
-from marketd.books.writer import COMPONENT, run_book_writer
+from marketd.books.store import BookStore, book_key
+from marketd.books.writer import COMPONENT, BookWriter, run_book_writer
 from marketd.runtime import Runtime
 from marketd.tickers.redis_server import RedisProcess
 from tests.tickers.records import runtime
@@ -148,3 +148,18 @@ async def test_drain_writes_what_is_pending_and_returns(redis_server: RedisProce
             assert rt.health.components[COMPONENT].reason == "stopped"
     finally:
         client.close()
+
+
+async def test_quiet_books_are_rewritten_within_a_third_of_the_ttl() -> None:
+    rt = runtime(redis_url="redis://127.0.0.1:1/0")
+    board = BookBoard()
+    w = BookWriter(rt, board, BookStore("redis://127.0.0.1:1/0"), ttl_s=30)
+    board.publish(view(5))
+    board.publish(view(6, symbol="ETHUSDT"))
+    w.take()
+    w.pending.clear()
+    w.written_at = {"BTCUSDT": 100.0, "ETHUSDT": 105.0}
+    w.refresh_quiet(109.0)
+    assert list(w.pending) == []
+    w.refresh_quiet(110.0)  # BTCUSDT: 10 s = ttl/3 without a write
+    assert [(s, v.last_update_id) for s, v in w.pending.items()] == [("BTCUSDT", 5)]
