@@ -20,7 +20,7 @@ from marketd.config import (
     shorten,
 )
 from marketd.errors import ConfigError
-from marketd.logs import configure_logging
+from marketd.logs import configure_logging, get_logger
 
 EXIT_CONFIG = 2
 
@@ -81,6 +81,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from marketd.daemon import run_daemon
 
     configure_logging(cfg.log.level, cfg.log.format)
+    for key, source, why in loaded.deprecated():  # once per key, per process start
+        get_logger("marketd.config").warning(
+            "config.deprecated", key=key, source=source, detail=why
+        )
     return trio.run(run_daemon, cfg)
 
 

@@ -49,6 +49,7 @@ class _Meta:
     convert: Converter | None  # None: the converter of the field's type (_BY_TYPE)
     merge: Merge  # tables: key by key over earlier layers ("over_layers") or over the default too
     echo: bool  # whether an error line repeats the value (False when the check names the culprit)
+    deprecated: str | None  # accepted but ignored: why (logged once as config.deprecated if set)
 
 
 def setting(
@@ -61,12 +62,15 @@ def setting(
     convert: Converter | None = None,
     merge: Merge = "replace",
     echo: bool = True,
+    deprecated: str | None = None,
 ) -> Any:
     """Declare one setting: its default, env var, help line, converter and check.
 
     `check` gets the converted value and raises ValueError saying what is allowed.
+    `deprecated`: the setting no longer does anything and says why; old configs that set it
+    still load (`LoadedConfig.deprecated()` lists where it was set, for one warning).
     """
-    meta = {_META: _Meta(env, help, check, secret, convert, merge, echo)}
+    meta = {_META: _Meta(env, help, check, secret, convert, merge, echo, deprecated)}
     if isinstance(default, dict):
         # A fresh copy per instance: a mutable default must never be shared.
         return attrs.field(factory=functools.partial(dict, default), metadata=meta)
@@ -577,18 +581,28 @@ class IngestConfig:
     frame_buffer: int = setting(
         8192,
         check=Range(1, 1_000_000),
-        help="frames buffered between the WebSocket and the decoder",
+        help="ignored (deprecated): there is no frames channel any more",
+        deprecated="ignored since 2026-12-07: each connection's task decodes its own frames, "
+        "there is no frames channel (trio-websocket's per-connection queue, 256 frames, and the "
+        "outbox, 8192 records, bound what waits)",
     )
     coalesce_ms: float = setting(
         1.0,
         check=Range(0, 1000),
-        help="under load, the decoder gathers frames this long per wake-up (0 = never wait)",
+        help="under load, each connection's task lets frames gather this long before reading "
+        "again (0 = never wait)",
     )
     record_buffer: int = setting(
-        64, check=Range(1, 100_000), help="decoded chunks buffered before batching"
+        64,
+        check=Range(1, 100_000),
+        help="ignored (deprecated): there is no channel of decoded chunks",
+        deprecated="ignored: there is no channel of decoded chunks (the batcher task is gone)",
     )
     batch_buffer: int = setting(
-        16, check=Range(1, 10_000), help="batches buffered before the producer"
+        16,
+        check=Range(1, 10_000),
+        help="batches buffered for the producer stage's task (with the spool: while spooling or "
+        "while librdkafka's queue is full)",
     )
     max_future_ms: int = setting(
         10_000,
@@ -1063,6 +1077,15 @@ def _read_dotenv(path: Path) -> tuple[dict[str, str], dict[str, int]]:
 class LoadedConfig:
     config: Config
     sources: dict[str, Value]  # every key, with its effective value and where it came from
+
+    def deprecated(self) -> list[tuple[str, str, str]]:
+        """(key, where it was set, why it is ignored) for every deprecated setting that a layer
+        set: the daemon logs each once as `config.deprecated`."""
+        return [
+            (key, v.source, note)
+            for key, v in sorted(self.sources.items())
+            if v.source != "default" and (note := SETTINGS[key].meta.deprecated) is not None
+        ]
 
 
 def load_config(

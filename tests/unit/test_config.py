@@ -7,6 +7,7 @@ import pytest
 from marketd.cli import main
 from marketd.config import (
     DEFAULT_TICKER_SYMBOLS,
+    SETTINGS,
     LoadedConfig,
     Value,
     env_names,
@@ -287,8 +288,23 @@ def test_shipped_marketd_toml_is_valid_and_uses_embedded(tmp_path: Path) -> None
     # Every setting appears in the shipped example, at its default unless documented otherwise.
     shown = render_config(loaded)
     for key, value in loaded.sources.items():
-        assert value.source != "default", f"{key} missing from marketd.toml"
+        if SETTINGS[key].meta.deprecated is None:
+            assert value.source != "default", f"{key} missing from marketd.toml"
+        else:
+            assert value.source == "default", f"{key} is deprecated: not in the shipped example"
+    assert loaded.deprecated() == []
     assert shown
+
+
+def test_deprecated_ingest_buffers_still_load_and_are_listed_once(tmp_path: Path) -> None:
+    loaded = load(
+        tmp_path,
+        "[ingest]\nframe_buffer = 4096\nrecord_buffer = 8\ncoalesce_ms = 0.5\n",
+    )
+    assert loaded.config.ingest.coalesce_ms == 0.5  # still a setting with a meaning
+    listed = loaded.deprecated()
+    assert [key for key, _, _ in listed] == ["ingest.frame_buffer", "ingest.record_buffer"]
+    assert all("marketd.toml" in source and why for _, source, why in listed)
 
 
 def test_a_bad_stream_is_named_once_not_buried_in_the_list(tmp_path: Path) -> None:
