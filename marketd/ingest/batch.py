@@ -1,11 +1,10 @@
-"""Batches for the producer: size-bounded slices of the decode stage's output, in tape order.
+"""Batches for the producer: size-bounded slices of the tape keeper's output, in tape order.
 
-The decode stage (marketd/ingest/pipeline.py `run_decoder`) cuts what one wake-up produced into
-batches of at most `batch.size` records and hands them straight to the producer stage: a batch
-is never held back waiting for more, so an idle pipeline adds no latency, and under load each
-wake-up takes thousands of frames, so batches fill up. (A separate batcher task used to re-slice
-the decoder's chunks: one more task wake-up per chunk for no reordering, docs/performance.md.)
-Pure: no I/O, no trio.
+On the ingest path the outbox (marketd/ingest/intake.py) cuts what one chunk of frames produced
+into batches of at most `batch.size` records and offers them to the sink at once, from the
+connection's own task: a batch is never held back waiting for more, so an idle pipeline adds no
+latency, and under load a chunk holds many frames, so batches fill up. `split_batches` is the
+same cut for callers holding a whole list. Pure: no I/O, no trio.
 """
 
 from __future__ import annotations

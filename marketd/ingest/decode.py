@@ -211,7 +211,8 @@ def _sdec(value: str, name: str) -> str:
 
 
 class Decoder:
-    """Turns frames into records. One per process; not thread-safe (runs in the decode task)."""
+    """Turns frames into records. One per process, shared by the connections' tasks (trio
+    thread only: not thread-safe)."""
 
     def __init__(
         self,

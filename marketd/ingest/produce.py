@@ -1,13 +1,14 @@
-"""Kafka producer stage: batches in, messages to Kafka, delivery reports counted.
+"""Kafka producer: records in, messages to Kafka, delivery reports counted.
 
-`produce()` and `poll(0)` are called on the trio thread (both non-blocking). Delivery reports are
-served by `poll(0)` after every batch and, while messages are in flight and no batch comes, by a
-reaper task every millisecond; with nothing in flight it sleeps on an event. (A poller thread
+`produce()` and `poll(0)` are called on the trio thread (both non-blocking), by the task that
+cut the batch (`KafkaSink.offer`, from a connection's task: no task hop, docs/performance.md §7).
+Delivery reports are served by `poll(0)` after every batch and, while messages are in flight, by
+a reaper task every millisecond; with nothing in flight it sleeps on an event. (A poller thread
 blocking in `poll()` was measured 3.5x slower here: every delivery callback takes the GIL from
-the trio thread, and the two threads ping-pong it.) A full local queue
-(BufferError) becomes backpressure: the stage waits for room, the batch channel fills, and the
-pipeline slows the WebSocket reader instead of growing memory. A permanently failed message is
-logged, counted and dead-lettered. On end of input the producer is flushed (bounded by
+the trio thread, and the two threads ping-pong it.) A full local queue (BufferError) becomes
+backpressure: `offer` returns what it took, the caller waits in `put` for room, and the
+WebSocket reader slows instead of memory growing. A permanently failed message is logged,
+counted and dead-lettered. On end of input (`run_producer`) the producer is flushed (bounded by
 `flush_timeout_s`) and a per-topic summary of accepted/delivered/failed is kept for the log.
 With a spool (marketd/ingest/spooling.py) the sink keeps every record until it is acknowledged
 (`unacked`, by produce sequence number), so the spooling stage can make them durable when Kafka
@@ -410,8 +411,8 @@ async def run_producer(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Produce every batch until the channel closes, then flush and stop the poller. (Without
-    a spool the decode stage calls `sink.produce_batch` itself and the channel carries no batch:
+    """Produce every batch until the channel closes, then flush and stop the poller. (In the
+    daemon the connections' tasks call `sink.offer` themselves and the channel carries no batch:
     its closing is the end of input.)"""
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run_reaper)

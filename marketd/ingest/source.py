@@ -218,7 +218,7 @@ class _Link:
     Before Binance's 24-hour disconnect (max_age_s plus jitter, so shards do not rotate together)
     and at once on a `serverShutdown` event, a replacement socket is opened first; the old one is
     closed only after the replacement has delivered a frame. Frames of the overlap arrive twice;
-    the decode stage drops the duplicates (by trade id, kline identity and ticker event time).
+    the tape keeper drops the duplicates (by trade id, kline identity and ticker event time).
     """
 
     def __init__(

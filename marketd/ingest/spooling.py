@@ -5,8 +5,10 @@ machine (`ingest/delivery.py`, pure: where the bookkeeping and its invariants li
 librdkafka (through `KafkaSink`) and the spool files, and feeds results and delivery reports back
 to it. What the stage does, as a whole:
 
-Receives batches from the decode stage (which cuts them), like `run_producer`. While Kafka
-acknowledges, batches go straight to the producer (live), which keeps each record until its ack.
+Batches come from the connections' tasks through `offer` (marketd/ingest/intake.py): while the
+state machine is live and the stage's task holds nothing, `offer` hands them to librdkafka at once
+(no task hop), which keeps each record until its ack; what `offer` does not take (spooling, or
+librdkafka's queue full) goes to the stage's task through its channel (`put`), in order.
 When Kafka stops answering (records in flight and no ack for `spool.outage_after_s`, every broker
 reported down, librdkafka's queue past `spool.queue_threshold`, or librdkafka giving records up),
 the stage appends a copy of every unacknowledged record to the spool (a "shadow": librdkafka still
@@ -14,8 +16,8 @@ holds and retries the original), then every later batch, fsync'd per append: fro
 loses nothing. A metadata probe finds Kafka back; the spool is replayed in append order behind the
 originals (librdkafka keeps produce order per partition), a shadow is sent only if its original
 failed, and entries are acked as a contiguous prefix; the stage goes live once the spool is empty. A
-full spool stops taking batches, so the bounded channels upstream slow the WebSocket reader (the
-continuity tracker backfills later what the reader could not take).
+full spool stops taking batches: its channel fills, `put` waits, and so do the connections' tasks,
+whose WebSocket queues fill (the continuity tracker backfills later what a reader could not take).
 
 A spool left by an earlier run is replayed before any new data. Its trades already in the topic
 (a crash can leave a record both written by the broker and spooled) are skipped by comparing
@@ -136,6 +138,10 @@ class SpoolingProducer:
         # Batches handed to the stage's task by `put` and not handled yet: while any is, `offer`
         # takes nothing (a batch produced directly would overtake them).
         self._queued = 0
+        # True only while the task runs its live loop: in the spooling loop the state machine
+        # may already be live (GoLive issued) while its task still performs the commands before
+        # it and produces what came in meanwhile; a direct produce then would overtake them.
+        self._direct = False
         self._batches_tx: trio.MemorySendChannel[Batch] | None = None
         sink.track(self.core.on_original)
         m = metrics or MetricsFactory()
@@ -162,10 +168,10 @@ class SpoolingProducer:
         self._batches_tx = batches_tx
 
     def offer(self, batch: Batch) -> int:
-        """Called by whichever task cut `batch` (no task hop): while the stage is live and its
-        task holds nothing, produce it at once; returns how many records librdkafka took (all
-        unless its queue is full). Spooling, or with batches queued for the task: 0 (`put`)."""
-        if self._queued or self.core.spooling:
+        """Called by whichever task cut `batch` (no task hop): while the stage's task is in its
+        live loop and holds nothing, produce it at once; returns how many records librdkafka
+        took (all unless its queue is full). Otherwise 0: the caller uses `put`."""
+        if self._queued or not self._direct or self.core.spooling:
             return 0
         produce = self.core.on_batch(batch)  # live: Produce(batch), the same list
         assert isinstance(produce, Produce) and produce.records is batch
@@ -231,6 +237,13 @@ class SpoolingProducer:
         `produce_batch` is safe to cancel: only its last checkpoint is cancellable, after every
         record of the batch was handed over.
         """
+        self._direct = True
+        try:
+            return await self._live_loop(batches_rx)
+        finally:
+            self._direct = False
+
+    async def _live_loop(self, batches_rx: trio.MemoryReceiveChannel[Batch]) -> bool:
         on_batch = self.core.on_batch
         found: list[OutageReason] = []
         async with trio.open_nursery() as nursery:

@@ -13,6 +13,7 @@ import trio.testing
 
 from marketd.config import SpoolConfig
 from marketd.ingest.decode import Outgoing
+from marketd.ingest.intake import Outbox
 from marketd.ingest.produce import KafkaSink, ProduceStats
 from marketd.ingest.spooling import SpoolingProducer
 from marketd.metrics import MetricsFactory
@@ -249,3 +250,52 @@ async def test_an_original_given_up_after_its_shadow_was_read_is_sent_once(
         assert not sp.spooling and spool.pending == 0
         await tx.aclose()
     assert kafka.written == [b"a0", b"a1", b"a2"]
+
+
+async def test_direct_offers_never_overtake_what_the_stage_holds(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The ingest path offers every batch from the connection's task (no hop) and hands the stage
+    # only what `offer` refuses. Through an outage, the replay and the return to live, records
+    # reach Kafka exactly once and in the order they were offered: in particular, not while the
+    # stage, live again, still performs the commands before GoLive (a spool ack in a thread).
+    sp, kafka, _ = stage(tmp_path)
+
+    async def slow(fn: Callable[[], Any]) -> Any:
+        await trio.sleep(0.05)  # spool I/O and probes take time in their threads
+        return fn()
+
+    sp.sink.run_blocking = slow
+    tx, rx = trio.open_memory_channel[list[Outgoing]](2)
+    sp.connect(tx)
+    outbox = Outbox(sp, 3)
+    sent = 0
+
+    async def feed() -> None:
+        nonlocal sent
+        while True:
+            outbox.add([Outgoing("t", b"A", f"r{sent + i}".encode(), 0) for i in range(2)])
+            sent += 2
+            await outbox.drain()
+            await trio.sleep(0.013)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sp.run, rx)
+        feeder = trio.CancelScope()
+
+        async def fed() -> None:
+            with feeder:
+                await feed()
+
+        nursery.start_soon(fed)
+        await trio.sleep(0.5)
+        kafka.up = False
+        await trio.sleep(3)  # an outage: spooling
+        assert sp.spooling
+        kafka.up = True
+        await trio.sleep(3)  # replayed, live again, offers go direct
+        assert not sp.spooling
+        feeder.cancel()
+        await outbox.drain()
+        await tx.aclose()
+    assert kafka.written == [f"r{i}".encode() for i in range(sent)]
