@@ -5,7 +5,8 @@ gracefully when `rt.draining` is set: Hypercorn stops accepting, lets in-flight 
 (bounded by GRACEFUL_TIMEOUT_S), then the app's lifespan stops its Redis reader. An address it
 cannot listen on is an ApiBindError (a one-line configuration error, exit 2). Connections close
 as HTTP says they should (HTTP/1.0, `Connection: close`, KEEP_ALIVE_S idle): see
-CloseAfterResponse for the Quart-Trio/Hypercorn interaction that prevented it.
+marketd/api/middleware.py CloseAfterResponse for the Quart-Trio/Hypercorn interaction that
+prevented it.
 """
 
 from __future__ import annotations
@@ -29,50 +30,6 @@ log = get_logger(__name__)
 
 GRACEFUL_TIMEOUT_S: Final = 5.0  # in-flight requests get this long after the drain signal
 KEEP_ALIVE_S: Final = 5.0
-
-
-class CloseAfterResponse:
-    """ASGI middleware: the app hears `http.disconnect` only once its last send has returned.
-
-    Quart-Trio runs each request as two tasks in one nursery: one sends the response, one waits
-    for `http.disconnect` and cancels the nursery when it comes. Hypercorn-trio delivers that
-    disconnect from *inside* the app's last `send`, which then goes on to close the socket (for
-    HTTP/1.0 and `Connection: close`) or to arm the keep-alive timer. The cancellation landed on
-    the next checkpoint of that very send, so the socket was never closed and the idle timer
-    never armed: such clients hung until they gave up, and idle connections stayed open for
-    ever (one file descriptor each). Holding the disconnect back until the last send is done lets
-    Hypercorn finish its bookkeeping. (A shielding cancel scope around the last send works too
-    but costs more per request, and would also shield it from a shutdown's cancellation.)
-    Upstream: pgjones/hypercorn issue #330 ("Connection:close ignored?").
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        last_sent: trio.Event | None = None  # set once the response's last send has returned
-
-        async def send_tracking_last(message: Any) -> None:
-            nonlocal last_sent
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                last_sent = trio.Event()
-                try:
-                    await send(message)
-                finally:
-                    last_sent.set()
-            else:
-                await send(message)
-
-        async def receive_after_last() -> Any:
-            message = await receive()
-            if message["type"] == "http.disconnect" and last_sent is not None:
-                await last_sent.wait()
-            return message
-
-        await self.app(scope, receive_after_last, send_tracking_last)
 
 
 def hypercorn_config(host: str, port: int) -> HyperConfig:
@@ -116,7 +73,7 @@ async def run_api(
     # leaves its socket to the garbage collector), so a bad api.host/api.port fails here.
     where = ("at start-up", "at start-up")
     await trio.to_thread.run_sync(probe_bind, cfg.host, cfg.port, where)
-    app = CloseAfterResponse(create_app(rt))
+    app = create_app(rt)
     listening = False
     try:
         async with trio.open_nursery() as nursery:

@@ -219,12 +219,12 @@ async def test_openapi_describes_every_route(client: Any) -> None:
 async def test_unexpected_error_is_json_500_without_traceback(
     rt: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from marketd.api import app as app_module
+    from marketd.api import hot as hot_module
 
     def boom(*_: Any) -> Any:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(app_module, "ticker_view", boom)
+    monkeypatch.setattr(hot_module, "ticker_view", boom)
     store = TickerStore(rt.redis_url or "")
     store.write([ticker("BTCUSDT")], now_ms(), 60)
     store.close()
