@@ -83,13 +83,14 @@ class Outbox:
             return len(self) < self.limit
         return self._offer_all() is None
 
-    async def drain(self) -> None:
+    async def drain(self, *, complete: bool = False) -> None:
         """Hand everything to the sink; with another task draining, return at once unless the
-        outbox is past its limit (then wait for room: backpressure). The fast path (the sink
-        takes everything at once) never yields."""
+        outbox is past its limit (then wait for room: backpressure) or `complete` (the end of
+        input: return only once the sink took everything). The fast path (the sink takes
+        everything at once) never yields."""
         while len(self):
             if self._draining:
-                if len(self) < self.limit:
+                if len(self) < self.limit and not complete:
                     return
                 self._waiting += 1
                 try:
@@ -176,8 +177,10 @@ class TapeIntake:
         """Hand the outbox to the sink without waiting; False: call `settle` (it would wait)."""
         return self.outbox.drain_now()
 
-    async def settle(self) -> None:
-        await self.outbox.drain()
+    async def settle(self, *, complete: bool = False) -> None:
+        """Hand the outbox to the sink, waiting when it is full; `complete` at the end of input:
+        also when another task (a cancelled one, winding down) is the one draining."""
+        await self.outbox.drain(complete=complete)
 
     async def deliver_backfill(self, result: BackfillResult) -> None:
         """The backfill worker's `deliver`: applied at once, handed on like live records."""

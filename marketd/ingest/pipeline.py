@@ -368,7 +368,7 @@ async def _run_ingest(
         backfill_scope.cancel()
         tick_scope.cancel()
         tape.flush("shutdown")
-        await tape.settle()  # everything through the keeper is with the sink now
+        await tape.settle(complete=True)  # everything through the keeper is with the sink now
         await batches_tx.aclose()  # end of input: the producer stage flushes
     summary = stats.summary()
     latency = stats.latency.labels()

@@ -186,3 +186,27 @@ async def test_a_partly_taken_batch_goes_on_where_it_stopped(
     t.flush()
     await t.settle()
     assert tape(sink) == list(range(1, 13))
+
+
+async def test_the_final_settle_waits_for_a_drainer_that_was_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sink = ListSink()
+    sink.open = False
+    t = intake(sink, batch_size=4)
+    t.take(frames(1, 2, 3), time.time_ns(), 0)
+    drainer = trio.CancelScope()
+
+    async def drain() -> None:  # e.g. the tick task, draining when shutdown cancels it
+        with drainer:
+            await t.settle()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        await trio.testing.wait_all_tasks_blocked()
+        drainer.cancel()  # delivered at its next checkpoint, not yet
+        sink.let_through()
+        t.flush()
+        await t.settle(complete=True)  # must not return while records wait in the outbox
+        assert len(t.outbox) == 0
+    assert tape(sink) == [1, 2, 3]
