@@ -28,7 +28,7 @@ import attrs
 import cattrs
 
 from marketd.errors import ConfigError, StreamNameError
-from marketd.streams import ROUTED_KINDS, Shard, parse_streams
+from marketd.streams import ROUTED_KINDS, Shard, StreamKind, parse_streams
 
 T = TypeVar("T")
 
@@ -273,7 +273,17 @@ def _check_streams(value: Any) -> Any:
         specs = parse_streams(value)
     except StreamNameError as exc:
         raise ValueError(str(exc)) from None
+    diff_depth: dict[str, str] = {}
     for spec in specs:
+        if spec.kind is StreamKind.DEPTH and spec.symbol is not None:
+            # One local book per symbol follows one diff stream: the 1000 ms events merge the
+            # 100 ms ones, so the two streams do not continue each other (docs/books.md §1.1).
+            if spec.symbol in diff_depth:
+                raise ValueError(
+                    f"{diff_depth[spec.symbol]!r} and {spec.name!r}: one diff depth stream per "
+                    "symbol (@depth or @depth@100ms, not both)"
+                )
+            diff_depth[spec.symbol] = spec.name
         # Binance lists a few non-ASCII symbols, but nothing downstream (tickers.symbols, the
         # Redis keys, the API's symbol routes) takes them: refuse them here, as upper case is.
         if spec.symbol is not None and not _STREAM_SYMBOL_RE.fullmatch(spec.symbol):
@@ -540,6 +550,24 @@ class TopicsConfig:
     raw_tickers: str = setting("raw_tickers", env="TOPIC_RAW_TICKERS", check=_check_topic)
     dlq: str = setting("raw_dlq", env="TOPIC_DLQ", check=_check_topic, help="dead-letter topic")
     gaps: str = setting("raw_gaps", env="TOPIC_GAPS", check=_check_topic, help="unrepaired gaps")
+    raw_depth: str = setting(
+        "raw_depth",
+        env="TOPIC_RAW_DEPTH",
+        check=_check_topic,
+        help="diff depth events as received (<symbol>@depth[@100ms])",
+    )
+    raw_depth_partial: str = setting(
+        "raw_depth_partial",
+        env="TOPIC_RAW_DEPTH_PARTIAL",
+        check=_check_topic,
+        help="partial book frames (<symbol>@depth<5|10|20>[@100ms])",
+    )
+    book_snapshots: str = setting(
+        "book_snapshots",
+        env="TOPIC_BOOK_SNAPSHOTS",
+        check=_check_topic,
+        help="top levels of each local book, periodically and after each (re)sync",
+    )
 
 
 @attrs.frozen
@@ -864,6 +892,63 @@ class RotationConfig:
 
 
 @attrs.frozen
+class BookConfig:
+    """Local order books kept from the diff depth streams (docs/books.md)."""
+
+    symbols: tuple[str, ...] = setting(
+        [],
+        env="BOOK_SYMBOLS",
+        check=_check_symbols,
+        convert=_to_upper_list,
+        help="symbols whose local book is kept (each needs a diff depth stream in "
+        "binance.streams); empty = every symbol with one",
+    )
+    snapshot_limit: int = setting(
+        5000,
+        env="BOOK_SNAPSHOT_LIMIT",
+        check=Range(1, 5000),
+        help="levels per side of the REST snapshot a book is built from (Binance: at most 5000; "
+        "weight 5/25/50/250 for up to 100/500/1000/5000)",
+    )
+    max_levels: int = setting(
+        5000,
+        env="BOOK_MAX_LEVELS",
+        check=Range(1, 100_000),
+        help="levels kept per side; levels pushed beyond are dropped and counted",
+    )
+    snapshot_interval_s: float = setting(
+        1.0,
+        env="BOOK_SNAPSHOT_INTERVAL_SECONDS",
+        check=Range(0.05, HOUR_S),
+        help="period of the book_snapshots records per symbol",
+    )
+    snapshot_depth: int = setting(
+        20,
+        env="BOOK_SNAPSHOT_DEPTH",
+        check=Range(1, 1000),
+        help="levels per side in a book_snapshots record",
+    )
+    redis_depth: int = setting(
+        20,
+        env="BOOK_REDIS_DEPTH",
+        check=Range(1, 1000),
+        help="levels per side published to Redis book:{SYMBOL} (and the most the API serves)",
+    )
+    audit_interval_s: float = setting(
+        60.0,
+        env="BOOK_AUDIT_INTERVAL_SECONDS",
+        check=_positive(DAY_S),
+        help="every this often one book in turn is compared with a fresh REST snapshot",
+    )
+    snapshot_weight_per_min: int = setting(
+        2400,
+        check=Range(5, 6000),
+        help="REST weight per minute the books' snapshots may use (paced evenly; part of "
+        "backfill.weight_budget_per_min, which every REST call shares)",
+    )
+
+
+@attrs.frozen
 class Config:
     binance: BinanceConfig = attrs.field(factory=BinanceConfig)
     kafka: KafkaConfig = attrs.field(factory=KafkaConfig)
@@ -888,6 +973,7 @@ class Config:
     spool: SpoolConfig = attrs.field(factory=SpoolConfig)
     backfill: BackfillConfig = attrs.field(factory=BackfillConfig)
     rotation: RotationConfig = attrs.field(factory=RotationConfig)
+    book: BookConfig = attrs.field(factory=BookConfig)
 
     @property
     def shard(self) -> Shard:
@@ -908,6 +994,20 @@ class Rule:
     problem: str
 
 
+def _snapshot_weight(limit: int) -> int:
+    """REST weight of one /api/v3/depth snapshot (docs/books.md §2)."""
+    return 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
+
+
+def _book_symbols_have_streams(v: Mapping[str, Any]) -> bool:
+    with_stream = set()
+    for name in v["binance.streams"]:
+        symbol, _, kind = name.partition("@")
+        if kind in ("depth", "depth@100ms"):
+            with_stream.add(symbol.upper())
+    return set(v["book.symbols"]) <= with_stream
+
+
 RULES: tuple[Rule, ...] = (
     Rule(
         "components",
@@ -920,6 +1020,36 @@ RULES: tuple[Rule, ...] = (
         "supervisor.backoff_max_s",
         lambda v: v["supervisor.backoff_max_s"] >= v["supervisor.backoff_initial_s"],
         "must be >= backoff_initial_s",
+    ),
+    Rule(
+        "book.symbols",
+        "book.symbols",
+        _book_symbols_have_streams,
+        "every symbol needs a diff depth stream (<symbol>@depth or @depth@100ms) in "
+        "binance.streams",
+    ),
+    Rule(
+        "book.snapshot_depth",
+        "book.snapshot_depth",
+        lambda v: v["book.snapshot_depth"] <= min(v["book.snapshot_limit"], v["book.max_levels"]),
+        "must be <= book.snapshot_limit and <= book.max_levels (deeper levels are never known)",
+    ),
+    Rule(
+        "book.redis_depth",
+        "book.redis_depth",
+        lambda v: v["book.redis_depth"] <= min(v["book.snapshot_limit"], v["book.max_levels"]),
+        "must be <= book.snapshot_limit and <= book.max_levels (deeper levels are never known)",
+    ),
+    Rule(
+        "book.snapshot_weight_per_min",
+        "book.snapshot_weight_per_min",
+        lambda v: (
+            _snapshot_weight(v["book.snapshot_limit"])
+            <= v["book.snapshot_weight_per_min"]
+            <= v["backfill.weight_budget_per_min"]
+        ),
+        "must be at least one snapshot's weight (book.snapshot_limit) and at most "
+        "backfill.weight_budget_per_min",
     ),
 )
 

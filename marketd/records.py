@@ -103,13 +103,15 @@ class DlqRecord(msgspec.Struct, frozen=True, gc=False):
 
 
 class GapRecord(msgspec.Struct, frozen=True, gc=False):
-    """A trade-id or kline gap, repaired or not (topic raw_gaps)."""
+    """A trade-id, kline or depth gap, repaired or not (topic raw_gaps)."""
 
     symbol: str
     stream: str
-    kind: str  # "trades" | "klines"
-    from_id: int  # first missing trade id (or open_time for klines)
-    to_id: int  # last missing trade id (or open_time), inclusive
+    kind: str  # "trades" | "klines" | "depth"
+    # First missing trade id (open_time for klines, first update id the book skipped for depth)
+    # and the last one (inclusive; for depth: the id of the snapshot the book was rebuilt from).
+    from_id: int
+    to_id: int
     from_time: int | None
     to_time: int | None
     reason: str  # "reconnect", "id_jump", "rest_unavailable", "history_too_old", ...
@@ -227,6 +229,65 @@ class BlockTradeRecord(msgspec.Struct, frozen=True, gc=False):
     schema_version: int
 
 
+# -- order books (docs/books.md): diff events, partial books and the local books' snapshots ------
+
+Levels = tuple[tuple[str, str], ...]  # [[price, quantity], ...] as decimal strings, best first
+
+
+class DepthRecord(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """One diff depth event exactly as received (topic raw_depth): the levels that changed in
+    update ids first_update_id..last_update_id; a quantity of 0 removes the level."""
+
+    symbol: str
+    first_update_id: int  # U
+    last_update_id: int  # u
+    bids: Levels
+    asks: Levels
+    event_time: int
+    ingested_at: int
+    source: str
+    stream: str
+    schema_version: int
+
+
+class DepthPartialRecord(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """One partial-book frame (topic raw_depth_partial): the top `depth` levels at
+    last_update_id. Binance's spot partial books carry no event time: `event_time` is null."""
+
+    symbol: str
+    last_update_id: int
+    bids: Levels
+    asks: Levels
+    depth: int
+    event_time: int | None = None
+    ingested_at: int
+    source: str
+    stream: str
+    schema_version: int
+
+
+class BookSnapshotRecord(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """The top `depth` levels of a local book at last_update_id (topic book_snapshots).
+
+    Out of sync: `in_sync` false and no levels (last_update_id: where the book stopped, null
+    before its first sync). `event_time`: E of the last diff applied (null when none was applied
+    since the REST snapshot). reason: "periodic" | "synced" | "resynced". The exact book is this
+    snapshot plus the raw_depth events from U = last_update_id + 1 on.
+    """
+
+    symbol: str
+    last_update_id: int | None
+    event_time: int | None
+    bids: Levels
+    asks: Levels
+    depth: int
+    in_sync: bool
+    reason: str
+    ingested_at: int
+    source: str
+    schema_version: int
+
+
 class TradeIdentity(msgspec.Struct, frozen=True, gc=False):
     """What tape continuity reads back from a raw_trades value (other fields are ignored)."""
 
@@ -255,3 +316,6 @@ TRADE_FIELDS: Final = tuple(f for f in field_names(TradeRecord) if f != "backfil
 KLINE_FIELDS: Final = field_names(KlineRecord)
 TICKER_FIELDS: Final = field_names(TickerRecord)
 DLQ_FIELDS: Final = field_names(DlqRecord)
+DEPTH_FIELDS: Final = field_names(DepthRecord)
+DEPTH_PARTIAL_FIELDS: Final = field_names(DepthPartialRecord)
+BOOK_SNAPSHOT_FIELDS: Final = field_names(BookSnapshotRecord)

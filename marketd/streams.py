@@ -51,11 +51,20 @@ class StreamKind(enum.StrEnum):
     AVG_PRICE = "avgPrice"
     REFERENCE_PRICE = "referencePrice"
     BLOCK_TRADE = "blockTrade"
+    DEPTH = "depth"  # diff depth: <symbol>@depth[@100ms], feeds a local order book
+    DEPTH_PARTIAL = "depthPartial"  # partial book: <symbol>@depth<5|10|20>[@100ms]
 
 
-ROUTED_KINDS: tuple[StreamKind, ...] = tuple(
-    k for k in StreamKind if k not in (StreamKind.TRADE, StreamKind.KLINE, StreamKind.TICKER)
+# Kinds with their own `[topics]` entries (not routed through `[routes]`).
+TOPIC_KINDS: tuple[StreamKind, ...] = (
+    StreamKind.TRADE,
+    StreamKind.KLINE,
+    StreamKind.TICKER,
+    StreamKind.DEPTH,
+    StreamKind.DEPTH_PARTIAL,
 )
+ROUTED_KINDS: tuple[StreamKind, ...] = tuple(k for k in StreamKind if k not in TOPIC_KINDS)
+PARTIAL_DEPTHS: tuple[int, ...] = (5, 10, 20)
 
 
 @attrs.frozen
@@ -68,6 +77,8 @@ class StreamSpec:
     interval: str | None = None
     window: str | None = None
     timezone: str | None = None
+    depth: int | None = None  # levels per side of a partial book stream (5, 10, 20)
+    update_ms: int | None = None  # depth streams: 1000 or 100 (the @100ms suffix)
 
     @property
     def all_market(self) -> bool:
@@ -88,6 +99,7 @@ _SIMPLE_KINDS = {
 _ALLOWED_HINT = (
     "allowed: <symbol>@trade, @aggTrade, @kline_<interval>[@+08:00], @ticker, @miniTicker, "
     "@ticker_<1h|4h|1d>, @bookTicker, @avgPrice, @referencePrice, @blockTrade, "
+    "@depth[@100ms], @depth<5|10|20>[@100ms], "
     "!miniTicker@arr, !ticker_<1h|4h|1d>@arr; intervals: " + " ".join(KLINE_INTERVALS)
 )
 
@@ -118,9 +130,7 @@ def parse_stream(name: str) -> StreamSpec:
     symbol = _check_symbol(parts[0], name)
     kind, rest = parts[1], parts[2:]
     if kind.startswith("depth"):
-        raise StreamNameError(
-            f"{name!r}: depth streams are not supported yet (order books come in a later release)"
-        )
+        return _parse_depth(name, symbol, kind, rest)
     if kind in _SIMPLE_KINDS and not rest:
         return StreamSpec(name, _SIMPLE_KINDS[kind], symbol)
     if kind.startswith("kline_"):
@@ -142,6 +152,21 @@ def parse_stream(name: str) -> StreamSpec:
             raise StreamNameError(f"{name!r}: rolling-window tickers are 1h, 4h or 1d")
         return StreamSpec(name, StreamKind.ROLLING_TICKER, symbol, window=window)
     raise StreamNameError(f"{raw!r}: unknown stream kind {kind!r}; {_ALLOWED_HINT}")
+
+
+def _parse_depth(name: str, symbol: str, kind: str, rest: list[str]) -> StreamSpec:
+    """`@depth`, `@depth@100ms` (diff) and `@depth<5|10|20>[@100ms]` (partial), docs/books.md §1."""
+    levels = kind.removeprefix("depth")
+    if levels and (not levels.isdigit() or int(levels) not in PARTIAL_DEPTHS):
+        raise StreamNameError(f"{name!r}: partial depth streams are @depth5, @depth10 or @depth20")
+    if rest not in ([], ["100ms"]):
+        raise StreamNameError(f"{name!r}: the only depth speed suffix is @100ms")
+    update_ms = 100 if rest == ["100ms"] else 1000
+    if not levels:
+        return StreamSpec(name, StreamKind.DEPTH, symbol, update_ms=update_ms)
+    return StreamSpec(
+        name, StreamKind.DEPTH_PARTIAL, symbol, depth=int(levels), update_ms=update_ms
+    )
 
 
 def _parse_all_market(name: str) -> StreamSpec:

@@ -47,6 +47,7 @@ class ResyncReason(enum.Enum):
     GAP = "gap"  # a U that is not the previous u + 1
     CROSSED = "crossed"  # best bid >= best ask after an update or in a snapshot
     BAD_LEVEL = "bad_level"  # a refused diff (negative or unparsable level, bad ids, ...)
+    BAD_EVENT = "bad_event"  # a refused diff whose fields are broken (ids, types, event time)
     RECONNECT = "reconnect"  # the stream connection was replaced: events were missed
     STALE_SNAPSHOT = "stale_snapshot"  # the first update after a snapshot did not continue it
     AUDIT_MISMATCH = "audit_mismatch"  # the audit found levels that differ from the exchange's

@@ -197,14 +197,21 @@ class BinanceRest:
         params = {"symbols": msgspec.json.encode(symbols).decode()} if symbols else {}
         return self._decode(path, _object, await self._get(path, params))
 
+    async def depth(self, symbol: str, limit: int, weight: int) -> dict[str, Any]:
+        """`/api/v3/depth?symbol=&limit=`: the body as JSON; the books core validates it
+        (marketd.books.model.parse_snapshot). `weight` depends on `limit` (docs/books.md §2)."""
+        path = "/api/v3/depth"
+        params = {"symbol": symbol, "limit": limit}
+        return self._decode(path, _object, await self._get(path, params, weight))
+
     async def ping(self) -> None:
         path = "/api/v3/ping"
         self._decode(path, _object, await self._get(path, {}))
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _get(self, path: str, params: Mapping[str, Any]) -> bytes:
-        await self.budget.acquire(WEIGHTS[path])
+    async def _get(self, path: str, params: Mapping[str, Any], weight: int | None = None) -> bytes:
+        await self.budget.acquire(WEIGHTS[path] if weight is None else weight)
         started = time.perf_counter()
         try:
             response = await self._http.get(path, params=dict(params))

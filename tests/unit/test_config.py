@@ -156,10 +156,33 @@ def test_precedence_defaults_toml_dotenv_env_cli(tmp_path: Path) -> None:
         ),
         (
             "",
-            {"BINANCE_STREAMS": "btcusdt@depth"},
+            {"BINANCE_STREAMS": "btcusdt@depth,btcusdt@depth@100ms"},
             "binance.streams",
             "env BINANCE_STREAMS",
-            "depth streams are not supported",
+            "one diff depth stream per symbol",
+        ),
+        (
+            "",
+            {"BOOK_SYMBOLS": "ethusdt"},
+            "book.symbols",
+            "env BOOK_SYMBOLS",
+            "needs a diff depth stream",
+        ),
+        ("", {"BOOK_SNAPSHOT_LIMIT": "5001"}, "book.snapshot_limit", "env", "<= 5000"),
+        ("", {"BOOK_SNAPSHOT_DEPTH": "0"}, "book.snapshot_depth", "env", ">= 1 and <= 1000"),
+        (
+            "[book]\nsnapshot_limit = 100\nsnapshot_depth = 200\n",
+            {},
+            "book.snapshot_depth",
+            "marketd.toml:3",
+            "<= book.snapshot_limit",
+        ),
+        (
+            "[book]\nsnapshot_weight_per_min = 100\n",
+            {},
+            "book.snapshot_weight_per_min",
+            "marketd.toml:2",
+            "one snapshot's weight",
         ),
         ("", {"KAFKA_ACKS": "2"}, "kafka.acks", "env KAFKA_ACKS", "0, 1, all"),
         ("", {"API_PORT": "http"}, "api.port", "env API_PORT", "integer"),
@@ -341,3 +364,36 @@ def test_per_field_converters_and_table_merging(tmp_path: Path) -> None:
     )
     assert cfg.routes == {"aggTrade": "aggs"} and cfg.route_for("bookTicker") == "raw_book_tickers"
     assert cfg.kafka.producer == {"linger.ms": "5", "acks": "all"}
+
+
+def test_book_defaults_topics_and_env(tmp_path: Path) -> None:
+    cfg = load(tmp_path).config
+    book = cfg.book
+    assert (book.snapshot_limit, book.max_levels, book.snapshot_interval_s) == (5000, 5000, 1.0)
+    assert (book.snapshot_depth, book.redis_depth, book.audit_interval_s) == (20, 20, 60.0)
+    assert book.symbols == ()  # every symbol with a diff depth stream
+    topics = cfg.topics
+    assert (topics.raw_depth, topics.raw_depth_partial, topics.book_snapshots) == (
+        "raw_depth",
+        "raw_depth_partial",
+        "book_snapshots",
+    )
+    env = {
+        "BINANCE_STREAMS": "btcusdt@depth@100ms,ethusdt@depth,ethusdt@depth5",
+        "BOOK_SYMBOLS": "btcusdt,ethusdt",
+        "BOOK_SNAPSHOT_LIMIT": "1000",
+        "BOOK_SNAPSHOT_DEPTH": "50",
+        "BOOK_AUDIT_INTERVAL_SECONDS": "30",
+        "TOPIC_RAW_DEPTH": "d",
+        "TOPIC_RAW_DEPTH_PARTIAL": "p",
+        "TOPIC_BOOK_SNAPSHOTS": "s",
+    }
+    cfg = load(tmp_path, env=env).config
+    assert cfg.book.symbols == ("BTCUSDT", "ETHUSDT")
+    assert (cfg.book.snapshot_limit, cfg.book.snapshot_depth) == (1000, 50)
+    assert cfg.book.audit_interval_s == 30
+    assert (cfg.topics.raw_depth, cfg.topics.raw_depth_partial, cfg.topics.book_snapshots) == (
+        "d",
+        "p",
+        "s",
+    )

@@ -48,8 +48,9 @@ def test_all_sixteen_kline_intervals_and_timezone_variant(interval: str) -> None
         ("btcusdt@kline_7m", "unknown kline interval"),
         ("btcusdt@kline_1H", "unknown kline interval"),
         ("BTCUSDT@trade", "lower-case"),
-        ("btcusdt@depth", "depth streams are not supported"),
-        ("btcusdt@depth20@100ms", "depth streams are not supported"),
+        ("btcusdt@depth15", "@depth5, @depth10 or @depth20"),
+        ("btcusdt@depth@250ms", "only depth speed suffix is @100ms"),
+        ("btcusdt@depth20@100ms@x", "only depth speed suffix is @100ms"),
         ("!ticker@arr", "retired"),
         ("btcusdt", "expected <symbol>@<kind>"),
         ("btcusdt@trades", "unknown stream kind"),
@@ -61,6 +62,28 @@ def test_all_sixteen_kline_intervals_and_timezone_variant(interval: str) -> None
 def test_invalid_streams_say_why(name: str, why: str) -> None:
     with pytest.raises(StreamNameError, match=why):
         parse_stream(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "depth", "update_ms"),
+    [
+        ("btcusdt@depth", StreamKind.DEPTH, None, 1000),
+        ("btcusdt@depth@100ms", StreamKind.DEPTH, None, 100),
+        ("ethusdt@depth5", StreamKind.DEPTH_PARTIAL, 5, 1000),
+        ("ethusdt@depth10@100ms", StreamKind.DEPTH_PARTIAL, 10, 100),
+        ("1000satsusdt@depth20", StreamKind.DEPTH_PARTIAL, 20, 1000),
+    ],
+)
+def test_depth_streams(name: str, kind: StreamKind, depth: int | None, update_ms: int) -> None:
+    spec = parse_stream(name)
+    assert (spec.kind, spec.depth, spec.update_ms) == (kind, depth, update_ms)
+    assert spec.symbol == name.split("@", maxsplit=1)[0].upper()
+
+
+def test_depth_kinds_have_their_own_topics_not_routes() -> None:
+    from marketd.streams import ROUTED_KINDS
+
+    assert StreamKind.DEPTH not in ROUTED_KINDS and StreamKind.DEPTH_PARTIAL not in ROUTED_KINDS
 
 
 def test_duplicate_streams_rejected() -> None:
