@@ -199,7 +199,8 @@ class TapeIntake:
         task_status.started()
         deadline = trio.current_time()
         while True:
-            deadline += tick_s
+            # Absolute deadlines; ticks missed while a drain waited on a full sink are skipped.
+            deadline = max(deadline + tick_s, trio.current_time())
             await trio.sleep_until(deadline)
             self.tick()
             await self.outbox.drain()
