@@ -16,6 +16,7 @@ MODULES = (
     "marketd.books.sync",
     "marketd.books.audit",
     "marketd.books.pacing",
+    "marketd.books.publish",
 )
 
 
