@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 import trio
@@ -50,7 +50,6 @@ from marketd.errors import MarketdError
 from marketd.ingest.decode import MIN_TIME_MS, Outgoing, dlq_record
 from marketd.logs import Throttle, get_logger
 from marketd.metrics import MetricsFactory
-from marketd.rest.client import BinanceRest
 from marketd.streams import StreamKind, StreamSpec
 
 log = get_logger(__name__)
@@ -63,6 +62,13 @@ Sink = Callable[[list[Outgoing]], Awaitable[object]]
 MAX_OUTBOX: Final = 10_000
 METRICS_INTERVAL_S: Final = 1.0
 SNAPSHOT_MAX_IN_FLIGHT: Final = 2
+
+
+class SnapshotSource(Protocol):
+    """Where snapshots come from: marketd.rest.client.BinanceRest (its `depth` reserves the
+    weight in the shared WeightBudget first)."""
+
+    async def depth(self, symbol: str, limit: int, weight: int) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -383,7 +389,7 @@ class BookKeeper:
 
     async def run(
         self,
-        rest: BinanceRest,
+        rest: SnapshotSource,
         sink: Sink,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -430,7 +436,7 @@ class BookKeeper:
             if due is not None:
                 yield due
 
-    async def _fetch(self, rest: BinanceRest, req: RequestSnapshot) -> None:
+    async def _fetch(self, rest: SnapshotSource, req: RequestSnapshot) -> None:
         sync = self.books[req.symbol]
         audit = req.purpose is SnapshotPurpose.AUDIT
         m = self._metrics
