@@ -111,6 +111,9 @@ class TapeReader(threading.Thread):
         self.consumer.subscribe([topic])
         self.ids: dict[str, list[int]] = defaultdict(list)
         self.count = 0
+        # The first offset read per partition: the topic is new, so anything above 0 was
+        # dropped by the mock cluster (a few MB per partition) before this reader got to it.
+        self.first_offset: dict[int, int] = {}
         self.timeline: list[tuple[float, int]] = []
         self.stop = threading.Event()
 
@@ -120,6 +123,9 @@ class TapeReader(threading.Thread):
                 value = msg.value()
                 if msg.error() or value is None:
                     continue
+                partition, offset = msg.partition(), msg.offset()
+                if partition is not None and offset is not None:
+                    self.first_offset.setdefault(partition, offset)
                 rec = json.loads(value)
                 self.ids[rec["symbol"]].append(rec["trade_id"])
                 self.count += 1
@@ -241,7 +247,8 @@ def run_marketd(
         "delivered": delivered,
         "failed": failed,
         "in_kafka": reader.count,
-        "lost": accepted - reader.count,
+        "lost": accepted - reader.count - sum(reader.first_offset.values()),
+        "evicted_unread": sum(reader.first_offset.values()),
         "duplicates": dups,
         "id_gaps": gaps,
         "p50_ms": stopped.get("ack_latency_p50_ms"),
