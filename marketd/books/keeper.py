@@ -61,6 +61,11 @@ Sink = Callable[[list[Outgoing]], Awaitable[object]]
 # (counted): a sink that blocks (Kafka backpressure) must not grow memory without bound.
 MAX_OUTBOX: Final = 10_000
 METRICS_INTERVAL_S: Final = 1.0
+# A diff whose last update id is at most this far below the newest one seen on its stream is a
+# copy (two connections overlap while one replaces the other): not published twice. Further
+# below is not a copy: published, and the book decides (a corrupt huge id must not make every
+# later event look like a copy).
+DUPLICATE_WINDOW: Final = 10_000_000
 SNAPSHOT_MAX_IN_FLIGHT: Final = 2
 
 
@@ -133,6 +138,7 @@ class BookKeeper:
         )
         self.rotation = AuditRotation(s.audit_interval_s)
         self._outbox: list[Outgoing] = []
+        self._newest_u: dict[str, int] = {}  # per diff stream: the highest `u` published
         self._wake = trio.Event()
         self._throttle = Throttle(60.0)
         self._metrics = _BookMetrics(metrics or MetricsFactory())
@@ -150,7 +156,7 @@ class BookKeeper:
         if spec.symbol is None:
             return out
         raw = payload
-        if isinstance(payload, bytes | bytearray | memoryview | str):
+        if isinstance(payload, bytes | bytearray | memoryview | str | msgspec.Raw):
             try:
                 payload = _JSON.decode(payload)
             except msgspec.DecodeError as exc:
@@ -196,6 +202,12 @@ class BookKeeper:
             self._reject(spec, raw, "absurd_timestamp", detail, recv_ns, out)
             self._refused(spec)
             return
+        last = update.last_update_id
+        newest = self._newest_u.get(spec.name)
+        if newest is not None and newest - DUPLICATE_WINDOW < last <= newest:
+            self._metrics.duplicates.inc()
+            return
+        self._newest_u[spec.name] = last
         key = symbol.encode()
         value = publish.depth_value(
             symbol=symbol,
@@ -258,7 +270,12 @@ class BookKeeper:
         out: list[Outgoing],
     ) -> None:
         self._metrics.rejected.labels(reason).inc()
-        data = raw if isinstance(raw, str | bytes) else _ENCODE(raw)
+        if isinstance(raw, str | bytes):
+            data: str | bytes = raw
+        elif isinstance(raw, bytearray | memoryview | msgspec.Raw):
+            data = bytes(raw)
+        else:
+            data = _ENCODE(raw)
         record = dlq_record(
             data, reason, detail, spec.name, recv_ns // 1_000_000, self.settings.dlq_max_raw_bytes
         )
@@ -515,6 +532,9 @@ class _BookMetrics:
             "book_snapshots_dropped", "periodic snapshots dropped while the sink was full"
         )
         self.rejected = f.counter("book_rejected", "depth frames dead-lettered", ["reason"])
+        self.duplicates = f.counter(
+            "book_duplicate_diffs", "diff events received twice (overlapping connections)"
+        )
         self._seen: dict[tuple[int, tuple[str, ...]], int] = {}
 
     def add(self, counter: Any, labels: tuple[str, ...], total: int) -> None:

@@ -328,3 +328,30 @@ async def test_the_audit_compares_one_book_in_turn_and_resyncs_on_a_mismatch(
     assert rig.metric("marketd_book_audit_levels", missing) == 1
     assert rig.metric("marketd_book_audits_total", {"symbol": SYM, "outcome": "mismatch"}) == 1
     assert [r.value for r in rig.keeper.books[SYM].resyncs] == ["audit_mismatch"]
+
+
+async def test_a_diff_received_twice_is_published_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rig = Rig()
+    rig.frame(diff(101, 105))
+    assert rig.frame(diff(101, 105)) == []  # the overlapping connection's copy
+    assert rig.frame(diff(104, 105)) == []
+    (out,) = rig.frame(diff(106, 107))
+    assert out.topic == "raw_depth"
+    # Far below the newest id is not a copy (a corrupt id must not hide what follows).
+    rig.frame(diff(10**12, 10**12))
+    (out,) = rig.frame(diff(108, 108))
+    assert out.topic == "raw_depth"
+    assert rig.metric("marketd_book_duplicate_diffs_total") == 2
+
+
+async def test_raw_frames_are_decoded_and_refused_ones_keep_their_text(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rig = Rig()
+    (out,) = rig.frame(msgspec.Raw(json.dumps(diff(101, 101)).encode()))
+    assert out.topic == "raw_depth"
+    (dead,) = rig.frame(memoryview(b'{"e": 1'))
+    record = msgspec.json.decode(dead.value, type=DlqRecord)
+    assert (record.reason, record.raw) == ("bad_json", '{"e": 1')
