@@ -118,11 +118,12 @@ def create_app(rt: Runtime, *, reader: TickerReader | None = None) -> QuartTrio:
     app.register_blueprint(book.create_blueprint(rt, books))
     app.register_blueprint(dashboard.create_blueprint(rt, books.symbols))
     # The ASGI stack, outermost first: HotReads (the polled ticker GETs, marketd/api/hot.py),
-    # RequestMetrics, StreamApp (SSE), CloseAfterResponse (only Quart needs it), Quart.
+    # StreamApp (SSE, with metrics of its own), RequestMetrics, CloseAfterResponse (only Quart
+    # needs it), Quart. Each layer costs every request that passes through it.
     requests, latency = _api_metrics(rt.metrics)
     app.asgi_app = CloseAfterResponse(app.asgi_app)  # type: ignore[method-assign]
-    app.asgi_app = stream.mount(app, rt, tracked, books)  # type: ignore[method-assign]
     app.asgi_app = RequestMetrics(app.asgi_app, requests, latency)  # type: ignore[method-assign]
+    app.asgi_app = stream.mount(app, rt, tracked, books)  # type: ignore[method-assign]
     reads = TickerReads(the_reader.read, tracked)
     app.asgi_app = HotReads(app.asgi_app, reads, requests, latency)  # type: ignore[method-assign]
 
