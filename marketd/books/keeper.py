@@ -46,6 +46,7 @@ from marketd.books.sync import (
     SnapshotPurpose,
     SnapshotReason,
 )
+from marketd.config import Config
 from marketd.errors import MarketdError
 from marketd.ingest.decode import MIN_TIME_MS, Outgoing, dlq_record
 from marketd.logs import Throttle, get_logger
@@ -145,6 +146,41 @@ class BookKeeper:
         for symbol in self.books:
             self._metrics.in_sync.labels(symbol).set(0)
             self._publish_out_of_sync(symbol, ResyncReason.START, 0.0)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        streams: Iterable[StreamSpec],
+        *,
+        board: BookBoard | None = None,
+        metrics: MetricsFactory | None = None,
+    ) -> BookKeeper:
+        """The keeper of this instance's streams (its shard) with the `[book]` and `[topics]`
+        settings."""
+        b = cfg.book
+        settings = BookSettings(
+            symbols=b.symbols,
+            snapshot_limit=b.snapshot_limit,
+            max_levels=b.max_levels,
+            snapshot_interval_s=b.snapshot_interval_s,
+            snapshot_depth=b.snapshot_depth,
+            redis_depth=b.redis_depth,
+            audit_interval_s=b.audit_interval_s,
+            snapshot_weight_per_min=b.snapshot_weight_per_min,
+            max_future_ms=cfg.ingest.max_future_ms,
+            time_div=1000 if cfg.binance.time_unit == "MICROSECOND" else 1,
+            dlq_max_raw_bytes=cfg.dlq.max_raw_bytes,
+        )
+        t = cfg.topics
+        topics = publish.BookTopics(
+            raw_depth=t.raw_depth,
+            raw_depth_partial=t.raw_depth_partial,
+            book_snapshots=t.book_snapshots,
+            gaps=t.gaps,
+            dlq=t.dlq,
+        )
+        return cls(streams, settings=settings, topics=topics, board=board, metrics=metrics)
 
     # -- frames (synchronous: called by the connection tasks, in arrival order) -----------------
 

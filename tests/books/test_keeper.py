@@ -355,3 +355,20 @@ async def test_raw_frames_are_decoded_and_refused_ones_keep_their_text(
     (dead,) = rig.frame(memoryview(b'{"e": 1'))
     record = msgspec.json.decode(dead.value, type=DlqRecord)
     assert (record.reason, record.raw) == ("bad_json", '{"e": 1')
+
+
+def test_the_keeper_takes_its_settings_from_the_config(tmp_path: Any) -> None:
+    from marketd.config import load_config
+
+    env = {
+        "BINANCE_STREAMS": "btcusdt@depth@100ms,ethusdt@depth,ethusdt@depth10",
+        "BOOK_SYMBOLS": "ethusdt",
+        "BOOK_SNAPSHOT_LIMIT": "1000",
+        "TOPIC_RAW_DEPTH": "d",
+    }
+    cfg = load_config(None, environ=env, dotenv=None).config
+    specs = [parse_stream(n) for n in cfg.binance.streams]
+    keeper = BookKeeper.from_config(cfg, specs, metrics=MetricsFactory())
+    assert list(keeper.books) == ["ETHUSDT"] and keeper.diff_streams == {"ETHUSDT": "ethusdt@depth"}
+    assert keeper.books["ETHUSDT"].snapshot_limit == 1000 and keeper.topics.raw_depth == "d"
+    assert keeper.settings.max_future_ms == cfg.ingest.max_future_ms
