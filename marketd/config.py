@@ -473,6 +473,8 @@ class BinanceConfig:
             "bookTicker": 300.0,
             "trade": 0.0,
             "aggTrade": 0.0,
+            "depth": 0.0,  # a diff event only when the book changed: a quiet book is silent
+            "depthPartial": 30.0,  # sent every 1000 ms (or 100 ms) whatever happens
         },
         check=EachValue(Range(0, DAY_S)),
         merge="over_default",

@@ -23,6 +23,7 @@ from marketd.kafka.client import EmbeddedCluster, is_embedded
 from marketd.logs import get_logger
 from marketd.metrics import MetricsFactory
 from marketd.runtime import Runtime
+from marketd.streams import book_symbols
 from marketd.supervise import supervise
 
 log = get_logger(__name__)
@@ -76,7 +77,9 @@ async def _kafka(cfg: Config) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def _redis(cfg: Config) -> AsyncIterator[str | None]:
-    needed = cfg.components.tickers or cfg.components.api or cfg.analytics.spark_jobs
+    # Ingest needs Redis only for the order books it keeps (book:{SYMBOL}).
+    books = cfg.components.ingest and bool(book_symbols(cfg.binance.streams, cfg.book.symbols))
+    needed = cfg.components.tickers or cfg.components.api or cfg.analytics.spark_jobs or books
     if not needed:
         yield None
         return

@@ -229,6 +229,21 @@ class Shard:
         return int.from_bytes(digest, "big") % self.count == self.index - 1
 
 
+def book_symbols(names: Iterable[str], chosen: Iterable[str] = ()) -> tuple[str, ...]:
+    """Symbols whose local order book is kept: `chosen` (book.symbols) when given, else every
+    symbol with a diff depth stream among `names` (binance.streams), in order."""
+    picked = tuple(dict.fromkeys(s.strip().upper() for s in chosen if s.strip()))
+    if picked:
+        return picked
+    return tuple(
+        dict.fromkeys(
+            spec.symbol
+            for spec in parse_streams(names)
+            if spec.kind is StreamKind.DEPTH and spec.symbol is not None
+        )
+    )
+
+
 def shard_streams(specs: Sequence[StreamSpec], shard: Shard) -> tuple[StreamSpec, ...]:
     return tuple(s for s in specs if shard.owns(s.name))
 

@@ -114,7 +114,7 @@ def create_app(rt: Runtime, *, reader: TickerReader | None = None) -> QuartTrio:
 
     # The push API (SSE, raw ASGI in front of Quart) and the dashboard page: marketd/api/stream.py.
     # Order books (marketd/api/book.py): GET /api/v1/book/{symbol}, its stream, the page's panel.
-    books = book.settings(rt)
+    books = book.settings(rt, symbols=cfg.book.symbols, redis_depth=cfg.book.redis_depth)
     app.register_blueprint(book.create_blueprint(rt, books))
     app.register_blueprint(dashboard.create_blueprint(rt, books.symbols))
     # The ASGI stack, outermost first: HotReads (the polled ticker GETs, marketd/api/hot.py),

@@ -19,10 +19,10 @@ import msgspec
 import trio
 from quart import Blueprint, Response, current_app, request
 
+from marketd import streams
 from marketd.api.fanout import Pushed, id_key, sse_event
 from marketd.api.reader import TickerReader
 from marketd.api.views import BadSymbol, normalise_symbol
-from marketd.books.model import parse_depth_stream
 from marketd.books.store import DEFAULT_REDIS_DEPTH, BookStore, book_key
 from marketd.config import Config
 from marketd.errors import StoreUnavailable
@@ -47,12 +47,7 @@ class BookSettings:
 
 def book_symbols(cfg: Config) -> tuple[str, ...]:
     """Every symbol with a diff depth stream in binance.streams (book.symbols' default)."""
-    out: dict[str, None] = {}
-    for name in cfg.binance.streams:
-        stream = parse_depth_stream(name)
-        if stream is not None and stream.is_diff:
-            out[stream.symbol] = None
-    return tuple(out)
+    return streams.book_symbols(cfg.binance.streams)
 
 
 def settings(

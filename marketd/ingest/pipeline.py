@@ -32,10 +32,14 @@ from typing import Any
 
 import trio
 
+from marketd.books.board import BookBoard
+from marketd.books.intake import DEPTH_KINDS, BookIntake
+from marketd.books.keeper import BookKeeper
+from marketd.books.writer import run_book_writer
 from marketd.errors import KafkaUnavailable
 from marketd.ingest.backfill import BackfillResult, run_backfill
 from marketd.ingest.batch import Batch
-from marketd.ingest.decode import Decoder, Topics
+from marketd.ingest.decode import Decoder, Outgoing, Topics
 from marketd.ingest.intake import Outbox, Sink, TapeIntake
 from marketd.ingest.limits import TokenBucket
 from marketd.ingest.produce import KafkaSink, ProduceStats, run_producer
@@ -106,6 +110,7 @@ async def _run_backfill(
     requests_rx: trio.MemoryReceiveChannel[Request],
     deliver: Callable[[BackfillResult], Awaitable[None]],
     scope: trio.CancelScope,
+    budget: WeightBudget,
 ) -> None:
     """The REST backfill worker; it applies its results through the tape keeper itself
     (`TapeIntake.deliver_backfill`). Binance REST's reachability (calls and a periodic ping) is
@@ -116,7 +121,6 @@ async def _run_backfill(
             if not cfg.backfill.enabled:
                 await trio.sleep_forever()
             watch = RestWatch(rt)
-            budget = WeightBudget(cfg.backfill.weight_budget_per_min, metrics=rt.metrics)
             try:
                 async with (
                     BinanceRest(
@@ -140,6 +144,40 @@ async def _run_backfill(
                     nursery.cancel_scope.cancel()
             finally:
                 rt.health.forget(BACKFILL)
+
+
+async def _run_books(
+    rt: Runtime, books: BookKeeper, board: BookBoard, outbox: Outbox, budget: WeightBudget
+) -> None:
+    """The order books' own tasks: REST snapshots, periodic book_snapshots and the audit
+    (`BookKeeper.run`, through the weight budget shared with backfill), and the Redis writer
+    of `book:{SYMBOL}`, which takes the board's conflated views: Redis down is the `books`
+    health entry and never slows ingest (docs/books.md)."""
+    cfg = rt.config
+
+    async def sink(records: list[Outgoing]) -> None:
+        outbox.add(records)
+        await outbox.drain()
+
+    async with (
+        BinanceRest(
+            cfg.binance.rest_url,
+            budget,
+            timeout_s=cfg.backfill.request_timeout_s,
+            metrics=rt.metrics,
+        ) as rest,
+        trio.open_nursery() as nursery,
+    ):
+        if rt.redis_url is not None:
+            nursery.start_soon(
+                functools.partial(run_book_writer, rt, board, redis_depth=cfg.book.redis_depth)
+            )
+        else:
+            log.warning(
+                "books.no_redis",
+                detail="no Redis resolved for this process: books go to Kafka only",
+            )
+        await books.run(rest, sink)
 
 
 def _buffered(channel: trio.MemorySendChannel[Any]) -> int:
@@ -297,6 +335,14 @@ async def _run_ingest(
         target = spooling
     outbox = Outbox(target, cfg.batch.size, batch_sizes=batch_sizes)
     tape = TapeIntake(make_decoder(rt), keeper, outbox)
+    # One REST weight budget for backfill and book snapshots (Binance counts them together).
+    budget = WeightBudget(cfg.backfill.weight_budget_per_min, metrics=rt.metrics)
+    board = BookBoard()
+    books = (
+        BookKeeper.from_config(cfg, specs, board=board, metrics=rt.metrics)
+        if any(spec.kind in DEPTH_KINDS for spec in specs)
+        else None
+    )
     fill = rt.metrics.gauge("channel_fill", "items buffered between stages", ["channel"])
     # "outbox": records through the tape keeper, waiting for the producer (it replaces the
     # frames channel of the former decode stage); "batches": the producer stage's channel.
@@ -311,6 +357,7 @@ async def _run_ingest(
     watch_scope = trio.CancelScope()
     tick_scope = trio.CancelScope()
     backfill_scope = trio.CancelScope()
+    books_scope = trio.CancelScope()
 
     async with trio.open_nursery() as nursery:
         if spooling is None:
@@ -318,7 +365,15 @@ async def _run_ingest(
         else:
             await nursery.start(spooling.run, batches_rx)
         nursery.start_soon(_in_scope, tick_scope, functools.partial(tape.run_ticks, TICK_S))
-        nursery.start_soon(_run_backfill, rt, requests_rx, tape.deliver_backfill, backfill_scope)
+        nursery.start_soon(
+            _run_backfill, rt, requests_rx, tape.deliver_backfill, backfill_scope, budget
+        )
+        if books is not None:
+            nursery.start_soon(
+                _in_scope,
+                books_scope,
+                functools.partial(_run_books, rt, books, board, outbox, budget),
+            )
         async with trio.open_nursery() as sources:
             for conn_id, streams in enumerate(connections):
                 sources.start_soon(
@@ -328,7 +383,7 @@ async def _run_ingest(
                         streams,
                         cfg.binance,
                         cfg.rotation,
-                        _intake_for(streams, tape),
+                        _intake_for(streams, tape, books, outbox, cfg.binance.max_frame_bytes),
                         attempts,
                         source_metrics,
                         stop_reading,
@@ -367,6 +422,7 @@ async def _run_ingest(
                 await trio.sleep(0.05)
         backfill_scope.cancel()
         tick_scope.cancel()
+        books_scope.cancel()
         tape.flush("shutdown")
         await tape.settle(complete=True)  # everything through the keeper is with the sink now
         await batches_tx.aclose()  # end of input: the producer stage flushes
@@ -383,12 +439,19 @@ async def _run_ingest(
     rt.health.set("ingest", healthy=False, reason="stopped")
 
 
-def _intake_for(streams: Sequence[StreamSpec], tape: TapeIntake) -> FrameIntake:
-    """Where a connection's frames go, by the kinds of its streams. Every kind marketd ingests
-    today goes to the tape (decode -> tape keeper -> Kafka). The seam for order books: depth
-    streams (StreamKind.DEPTH, DEPTH_PARTIAL) will get their own intake here, feeding the book
-    keeper (marketd/books, docs/books.md) on their connections' tasks the same way."""
-    return tape
+def _intake_for(
+    streams: Sequence[StreamSpec],
+    tape: TapeIntake,
+    books: BookKeeper | None,
+    outbox: Outbox,
+    max_frame_bytes: int,
+) -> FrameIntake:
+    """Where a connection's frames go, by the kinds of its streams: the tape (decode -> tape
+    keeper -> Kafka), and on connections with depth streams their frames to the book keeper
+    first (marketd/books/intake.py), on the same task, into the same outbox."""
+    if books is None or not any(s.kind in DEPTH_KINDS for s in streams):
+        return tape
+    return BookIntake(books, tape, outbox, streams, max_frame_bytes=max_frame_bytes)
 
 
 async def _in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:

@@ -20,6 +20,7 @@ import confluent_kafka.cimpl
 
 from marketd.config import Config, load_config
 from marketd.kafka.client import admin_settings, is_embedded
+from marketd.streams import StreamKind, parse_streams
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -53,6 +54,11 @@ def plan_topics(
     """Every topic marketd writes, deduplicated (two settings may name the same topic)."""
     data = [cfg.topics.raw_trades, cfg.topics.raw_klines, cfg.topics.raw_tickers]
     data += [cfg.routes[kind] for kind in sorted(cfg.routes)]
+    kinds = {spec.kind for spec in parse_streams(cfg.binance.streams)}
+    if StreamKind.DEPTH in kinds:
+        data += [cfg.topics.raw_depth, cfg.topics.book_snapshots]
+    if StreamKind.DEPTH_PARTIAL in kinds:
+        data.append(cfg.topics.raw_depth_partial)
     side = [cfg.topics.dlq, cfg.topics.gaps]
     plans: dict[str, TopicPlan] = {}
     for name in data:
