@@ -1,10 +1,11 @@
-"""Tape keeping in the decode stage: the continuity gates applied to decoded records.
+"""Tape keeping: the continuity gates applied to decoded records (shared by every connection).
 
 Receives decoded `Outgoing` records (with their identity), reconnect notices from the sources
 and backfill results; emits records in per-symbol id order with overlap duplicates dropped,
 backfill requests for the backfill task, gap records for the gaps topic, and dead-letter records
 for the trades the trade gate quarantines as implausible. Pure (the request and result types are
-repair.py's, no REST client) apart from the clock passed in; the decode task owns it.
+repair.py's, no REST client) apart from the clock passed in. The connection tasks, the backfill
+task and the tick task call it through `TapeIntake` (intake.py), never with an await in between.
 `seed_trades()` at start-up continues the tape a previous process published. At drain, `flush()`
 releases every held record behind an unrepaired gap record, so nothing accepted is kept back.
 """
