@@ -39,6 +39,7 @@ import urllib.request
 from collections import defaultdict
 from typing import Any
 
+import _spy  # bench/ is sys.path[0] when run as a script
 import confluent_kafka
 import msgspec
 import psutil  # type: ignore[import-untyped]
@@ -196,7 +197,11 @@ def window_quantile(before: dict[float, float], after: dict[float, float], q: fl
 
 
 def run_marketd(
-    ws_url: str, streams: list[str], seconds: float, extra_env: dict[str, str]
+    ws_url: str,
+    streams: list[str],
+    seconds: float,
+    extra_env: dict[str, str],
+    spy: bool = False,
 ) -> dict[str, Any]:
     # The mock cluster lives in this process, so the tape can be read to its end after marketd
     # exits; marketd reaches it over loopback like any broker.
@@ -241,6 +246,7 @@ def run_marketd(
     cpu0 = ps.cpu_times()
     n0, t0 = reader.count, time.monotonic()
     acked0 = produced(api_port, topic)
+    sampling = _spy.start(proc.pid, max(1.0, seconds - 1.0)) if spy else None
     while time.monotonic() - t0 < seconds:
         time.sleep(0.5)
         rss = ps.memory_info().rss
@@ -250,6 +256,10 @@ def run_marketd(
     n1, t1 = reader.count, time.monotonic()
     acked1 = produced(api_port, topic)
     buckets1 = latency_buckets(api_port)
+    shares: dict[str, float] = {}
+    if sampling is not None:
+        sampling[0].wait(30)
+        shares = _spy.split(sampling[1])
     proc.terminate()
     proc.wait(60)
     collector.join(5)
@@ -291,6 +301,8 @@ def run_marketd(
         "peak_rss_mb": peak_rss / 2**20,
         "rss_first_mb": rss_samples[len(rss_samples) // 10][1] / 2**20 if rss_samples else 0,
         "rss_last_mb": rss_samples[-1][1] / 2**20 if rss_samples else 0,
+        # CPU per message by part of the path (py-spy, --spy): microseconds.
+        **{f"us/msg {part}": share * cpu / acked * 1e6 for part, share in shares.items() if acked},
     }
 
 
@@ -422,6 +434,11 @@ def main() -> None:
     )
     parser.add_argument("--soak", type=float, default=0, help="seconds at 10k/s for RSS growth")
     parser.add_argument(
+        "--spy",
+        action="store_true",
+        help="sample marketd with py-spy in the window: CPU per message by part of the path",
+    )
+    parser.add_argument(
         "--steps",
         action="store_true",
         help="count trio task steps per frame instead (in-process, load-independent)",
@@ -443,7 +460,7 @@ def main() -> None:
         proc, ws_url = start_exchange(rate)
         try:
             bare = trio.run(bare_receive_rate, ws_url, streams, min(args.seconds, 10.0))
-            result = run_marketd(ws_url, streams, args.seconds, extra_env)
+            result = run_marketd(ws_url, streams, args.seconds, extra_env, spy=args.spy)
         finally:
             proc.terminate()
             proc.wait(10)
