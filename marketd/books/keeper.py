@@ -27,6 +27,9 @@ from marketd.books.board import BookView as BoardView
 from marketd.books.model import (
     DepthDataError,
     DepthError,
+    DepthUpdate,
+    RawDiff,
+    decode_diff,
     parse_diff,
     parse_partial,
     parse_snapshot,
@@ -143,7 +146,10 @@ class BookKeeper:
         self._wake = trio.Event()
         self._throttle = Throttle(60.0)
         self._metrics = _BookMetrics(metrics or MetricsFactory())
-        for symbol in self.books:
+        for symbol, sync in self.books.items():
+            # Readers (Redis, API) see the top redis_depth levels: a batch that changed nothing
+            # there is not published to the board (docs/books.md §8).
+            sync.book.watch_top(s.redis_depth)
             self._metrics.in_sync.labels(symbol).set(0)
             self._publish_out_of_sync(symbol, ResyncReason.START, 0.0)
 
@@ -192,6 +198,13 @@ class BookKeeper:
         if spec.symbol is None:
             return out
         raw = payload
+        if spec.kind is StreamKind.DEPTH and isinstance(payload, bytes | str | msgspec.Raw):
+            # The fast path: one typed decode of Binance's compact frame (docs/performance.md
+            # §8); anything else takes the generic path below, which says what is wrong.
+            fast = decode_diff(payload, symbol=spec.symbol)
+            if fast is not None:
+                self._diff(spec, fast.update, fast, raw, recv_ns, out)
+                return out
         if isinstance(payload, bytes | bytearray | memoryview | str | msgspec.Raw):
             try:
                 payload = _JSON.decode(payload)
@@ -200,7 +213,14 @@ class BookKeeper:
                 self._refused(spec)
                 return out
         if spec.kind is StreamKind.DEPTH:
-            self._diff(spec, payload, raw, recv_ns, out)
+            try:
+                update = parse_diff(payload, symbol=spec.symbol)
+            except DepthDataError as exc:
+                reason = publish.reject_reason(exc, payload, partial=False)
+                self._reject(spec, raw, reason, exc.detail, recv_ns, out)
+                self._refused(spec, exc)
+                return out
+            self._diff(spec, update, None, raw, recv_ns, out)
         elif spec.kind is StreamKind.DEPTH_PARTIAL:
             self._partial(spec, payload, raw, recv_ns, out)
         return out
@@ -217,17 +237,17 @@ class BookKeeper:
         return out
 
     def _diff(
-        self, spec: StreamSpec, payload: Any, raw: Any, recv_ns: int, out: list[Outgoing]
+        self,
+        spec: StreamSpec,
+        update: DepthUpdate,
+        fast: RawDiff | None,
+        raw: Any,
+        recv_ns: int,
+        out: list[Outgoing],
     ) -> None:
+        """A validated diff; `fast`: its level arrays as the frame's bytes (decode_diff)."""
         symbol = spec.symbol
         assert symbol is not None
-        try:
-            update = parse_diff(payload, symbol=symbol)
-        except DepthDataError as exc:
-            reason = publish.reject_reason(exc, payload, partial=False)
-            self._reject(spec, raw, reason, exc.detail, recv_ns, out)
-            self._refused(spec, exc)
-            return
         recv_ms = recv_ns // 1_000_000
         event_ms = update.event_time_ms or 0
         if self.settings.time_div != 1:
@@ -245,16 +265,28 @@ class BookKeeper:
             return
         self._newest_u[spec.name] = last
         key = symbol.encode()
-        value = publish.depth_value(
-            symbol=symbol,
-            first_update_id=update.first_update_id,
-            last_update_id=update.last_update_id,
-            bids=update.bids,
-            asks=update.asks,
-            event_time_ms=event_ms,
-            ingested_at_ms=recv_ms,
-            stream=spec.name,
-        )
+        if fast is not None:
+            value = publish.depth_value_raw(
+                symbol=symbol,
+                first_update_id=update.first_update_id,
+                last_update_id=last,
+                bids_json=fast.bids_json,
+                asks_json=fast.asks_json,
+                event_time_ms=event_ms,
+                ingested_at_ms=recv_ms,
+                stream=spec.name,
+            )
+        else:
+            value = publish.depth_value(
+                symbol=symbol,
+                first_update_id=update.first_update_id,
+                last_update_id=last,
+                bids=update.bids,
+                asks=update.asks,
+                event_time_ms=event_ms,
+                ingested_at_ms=recv_ms,
+                stream=spec.name,
+            )
         out.append(Outgoing(self.topics.raw_depth, key, value, recv_ns))
         sync = self.books.get(symbol)
         if sync is not None and self.diff_streams[symbol] == spec.name:
@@ -335,12 +367,15 @@ class BookKeeper:
     ) -> None:
         """Carry out the core's commands; records go to `out` in the core's order."""
         symbol = sync.symbol
-        publish_view = False
-        now_ns = self._wall_ns()
+        publish_view = synced = False
+        now_ns = 0
         for cmd in cmds:
             if isinstance(cmd, Applied):
                 publish_view = True
-            elif isinstance(cmd, RequestSnapshot):
+                continue
+            if not now_ns:
+                now_ns = self._wall_ns()
+            if isinstance(cmd, RequestSnapshot):
                 self.pacer.want(cmd, self._clock())
                 self._wake.set()
             elif isinstance(cmd, PublishBook):
@@ -364,9 +399,9 @@ class BookKeeper:
             elif isinstance(cmd, SetInSync):
                 self._metrics.in_sync.labels(symbol).set(1 if cmd.in_sync else 0)
                 if cmd.in_sync:
-                    publish_view = True
+                    publish_view = synced = True
                 else:
-                    publish_view = False
+                    publish_view = synced = False
                     reason = cmd.reason or ResyncReason.START
                     self._publish_out_of_sync(symbol, reason, received_at)
                     self._log_resync(sync, reason)
@@ -376,14 +411,18 @@ class BookKeeper:
                 self._metrics.audits.labels(symbol, "skipped").inc()
                 log.debug("book.audit_skipped", symbol=symbol, why=cmd.why)
         if publish_view and sync.in_sync and self.board is not None:
-            view = sync.view(self.settings.redis_depth)
+            book = sync.book
+            if not (synced or book.top_changed):
+                return
+            book.seen_top()
+            depth = self.settings.redis_depth
             self.board.publish(
                 BoardView(
                     symbol=symbol,
-                    last_update_id=view.last_update_id or 0,
-                    event_time=view.event_time_ms or 0,
-                    bids=view.bids,
-                    asks=view.asks,
+                    last_update_id=book.last_update_id or 0,
+                    event_time=book.event_time_ms or 0,
+                    bids=tuple(book.bids.top(depth)),
+                    asks=tuple(book.asks.top(depth)),
                     in_sync=True,
                     received_at=received_at,
                 )

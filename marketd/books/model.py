@@ -2,7 +2,9 @@
 
 Receives decoded JSON (the `data` of a diff or partial-depth frame, the body of a REST
 `/api/v3/depth` answer); returns frozen records whose prices and quantities are the exact decimal
-strings received, or raises `DepthDataError` naming what was wrong. Formats: docs/books.md.
+strings received, or raises `DepthDataError` naming what was wrong. `decode_diff` is the fast
+path of a diff frame's own bytes in Binance's compact form (one typed decode, the level arrays
+checked by one pattern each and kept as bytes for the record). Formats: docs/books.md.
 Pure: no I/O, no threads.
 """
 
@@ -14,13 +16,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
+import msgspec
+
 INT64_MAX: Final = 2**63 - 1
 MAX_SNAPSHOT_LIMIT: Final = 5000  # REST /api/v3/depth (docs/books.md, "REST snapshot")
 PARTIAL_DEPTHS: Final = (5, 10, 20)
 
 # A plain, non-negative decimal: what Binance sends for prices and quantities. Rules out signs,
-# exponents, NaN and Infinity (Decimal("NaN") would parse), spaces and empty strings.
-_UDEC = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+# exponents, NaN and Infinity (Decimal("NaN") would parse), spaces and empty strings, and more
+# than 40 digits on either side of the point (Binance's largest, a capped quantity, has 11 + 8;
+# the book turns prices into integers, and a string of thousands of digits is no price).
+_UDEC = re.compile(r"[0-9]{1,40}(?:\.[0-9]{1,40})?")
+# The same, as one pattern over a whole `[[price, qty], ...]` array in compact JSON (no spaces,
+# no escapes): a price with a non-zero digit, a quantity any plain decimal. Every string it
+# accepts is one `_UDEC` accepts, so a frame it passes needs no check per level.
+_RAW_DEC = rb"[0-9]{1,40}(?:\.[0-9]{1,40})?"
+_RAW_POS = rb"(?=[0-9.]*[1-9])" + _RAW_DEC  # the lookahead stops at the closing quote
+_RAW_LEVEL = rb'\["' + _RAW_POS + rb'","' + _RAW_DEC + rb'"\]'
+_RAW_SIDE = re.compile(rb"\[(?:" + _RAW_LEVEL + rb"(?:," + _RAW_LEVEL + rb")*)?\]")
 _STREAM = re.compile(r"(?P<sym>[^@/!\s]+)@depth(?P<levels>5|10|20)?(?:@(?P<ms>100|1000)ms)?")
 
 
@@ -64,6 +77,16 @@ class DepthUpdate:
     event_time_ms: int | None  # E (None when the caller has none, e.g. in tests)
     bids: tuple[Level, ...]
     asks: tuple[Level, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawDiff:
+    """A diff decoded by `decode_diff`: the update, and its `b` and `a` arrays as the frame's own
+    bytes (compact JSON, exactly what encoding `update.bids` / `update.asks` would give)."""
+
+    update: DepthUpdate
+    bids_json: msgspec.Raw
+    asks_json: msgspec.Raw
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +212,51 @@ def parse_diff(payload: Any, *, symbol: str | None = None) -> DepthUpdate:
     )
 
 
+class _DiffWire(msgspec.Struct):
+    e: str
+    E: int
+    s: str
+    U: int
+    u: int
+    b: msgspec.Raw
+    a: msgspec.Raw
+
+
+_DIFF_WIRE = msgspec.json.Decoder(_DiffWire)
+_LEVELS = msgspec.json.Decoder(tuple[Level, ...])  # Levels made in C
+
+
+def decode_diff(data: bytes | str | msgspec.Raw, *, symbol: str | None = None) -> RawDiff | None:
+    """A diff event's own bytes in Binance's compact form -> RawDiff, with every check
+    `parse_diff` makes. None when the frame is anything else (spaces or escapes in its level
+    arrays, a wrong type, a missing field, a bad value): the caller then decodes it generically
+    and `parse_diff` accepts it or says what is wrong (docs/performance.md §8)."""
+    try:
+        w = _DIFF_WIRE.decode(data)
+    except msgspec.DecodeError:  # ValidationError is a DecodeError
+        return None
+    b, a = w.b, w.a
+    if (
+        w.e != "depthUpdate"
+        or not w.s
+        or (symbol is not None and w.s != symbol)
+        or not 0 <= w.E <= INT64_MAX
+        or not 0 <= w.U <= w.u <= INT64_MAX
+        or _RAW_SIDE.fullmatch(b) is None
+        or _RAW_SIDE.fullmatch(a) is None
+    ):
+        return None
+    update = DepthUpdate(
+        symbol=w.s,
+        first_update_id=w.U,
+        last_update_id=w.u,
+        event_time_ms=w.E,
+        bids=_LEVELS.decode(b),
+        asks=_LEVELS.decode(a),
+    )
+    return RawDiff(update=update, bids_json=b, asks_json=a)
+
+
 def _book_body(payload: Any) -> tuple[int, tuple[Level, ...], tuple[Level, ...]]:
     if not isinstance(payload, Mapping):
         raise DepthDataError(DepthError.BAD_FIELD, "payload is not an object")
@@ -218,6 +286,6 @@ def parse_partial(payload: Any, *, symbol: str, depth: int) -> PartialDepth:
     return PartialDepth(symbol=symbol, last_update_id=last, bids=bids, asks=asks, depth=depth)
 
 
-def levels_json(levels: Sequence[Level]) -> list[list[str]]:
+def levels_json(levels: Sequence[tuple[str, str]]) -> list[list[str]]:
     """Levels as the wire and the record contract write them: `[[price, qty], ...]`."""
-    return [[lv.price, lv.qty] for lv in levels]
+    return [[price, qty] for price, qty in levels]

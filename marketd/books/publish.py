@@ -62,6 +62,50 @@ def depth_value(
     )
 
 
+class _DepthRecordRaw(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """records.DepthRecord with the level arrays as ready JSON (same fields, same order)."""
+
+    symbol: str
+    first_update_id: int
+    last_update_id: int
+    bids: msgspec.Raw
+    asks: msgspec.Raw
+    event_time: int
+    ingested_at: int
+    source: str
+    stream: str
+    schema_version: int
+
+
+def depth_value_raw(
+    *,
+    symbol: str,
+    first_update_id: int,
+    last_update_id: int,
+    bids_json: msgspec.Raw,
+    asks_json: msgspec.Raw,
+    event_time_ms: int,
+    ingested_at_ms: int,
+    stream: str,
+) -> bytes:
+    """`depth_value`, byte for byte, with the levels as the frame's own compact JSON arrays
+    (model.decode_diff checked them): they are copied, not decoded and encoded again."""
+    return _ENCODE(
+        _DepthRecordRaw(
+            symbol=symbol,
+            first_update_id=first_update_id,
+            last_update_id=last_update_id,
+            bids=bids_json,
+            asks=asks_json,
+            event_time=event_time_ms,
+            ingested_at=ingested_at_ms,
+            source=rec.SOURCE,
+            stream=stream,
+            schema_version=rec.SCHEMA_VERSION,
+        )
+    )
+
+
 def partial_value(
     *,
     symbol: str,
