@@ -63,14 +63,19 @@ class BookIntake:
 
     def take(self, messages: Sequence[str | bytes], recv_ns: int, conn: int) -> None:
         rest: list[str | bytes] = []
-        depth, on_frame, add = self.depth, self.keeper.on_frame, self.outbox.add
-        for message in messages:
-            env = self._depth_envelope(message)
-            spec = depth.get(env.stream) if env is not None and env.stream else None
-            if spec is None or env is None or not len(env.data):
-                rest.append(message)
-                continue
-            add(on_frame(spec, env.data, recv_ns))
+        keeper = self.keeper
+        depth, on_frame, add = self.depth, keeper.on_frame, self.outbox.add
+        keeper.begin_batch()  # one board view per changed book per batch
+        try:
+            for message in messages:
+                env = self._depth_envelope(message)
+                spec = depth.get(env.stream) if env is not None and env.stream else None
+                if spec is None or env is None or not len(env.data):
+                    rest.append(message)
+                    continue
+                add(on_frame(spec, env.data, recv_ns))
+        finally:
+            keeper.end_batch()
         if rest:
             self.tape.take(rest, recv_ns, conn)
 

@@ -142,6 +142,7 @@ class BookKeeper:
         )
         self.rotation = AuditRotation(s.audit_interval_s)
         self._outbox: list[Outgoing] = []
+        self._deferred: dict[str, float] | None = None  # views due at end_batch, by symbol
         self._newest_u: dict[str, int] = {}  # per diff stream: the highest `u` published
         self._wake = trio.Event()
         self._throttle = Throttle(60.0)
@@ -415,22 +416,49 @@ class BookKeeper:
             if not (synced or book.top_changed):
                 return
             book.seen_top()
-            depth = self.settings.redis_depth
-            self.board.publish(
-                BoardView(
-                    symbol=symbol,
-                    last_update_id=book.last_update_id or 0,
-                    event_time=book.event_time_ms or 0,
-                    bids=tuple(book.bids.top(depth)),
-                    asks=tuple(book.asks.top(depth)),
-                    in_sync=True,
-                    received_at=received_at,
-                )
+            if self._deferred is not None:
+                # Inside a batch of frames: one view per book at its end (the earliest receipt
+                # of what it conflates, for an honest latency).
+                self._deferred.setdefault(symbol, received_at)
+                return
+            self._publish_view(sync, received_at)
+
+    def _publish_view(self, sync: BookSync, received_at: float) -> None:
+        assert self.board is not None
+        book = sync.book
+        depth = self.settings.redis_depth
+        self.board.publish(
+            BoardView(
+                symbol=sync.symbol,
+                last_update_id=book.last_update_id or 0,
+                event_time=book.event_time_ms or 0,
+                bids=tuple(book.bids.top(depth)),
+                asks=tuple(book.asks.top(depth)),
+                in_sync=True,
+                received_at=received_at,
             )
+        )
+
+    def begin_batch(self) -> None:
+        """Frames of one receive batch follow (`on_frame` calls, nothing awaited in between):
+        the board gets one view per changed book at `end_batch` instead of one per frame (no
+        reader can run before then anyway)."""
+        self._deferred = {}
+
+    def end_batch(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if not deferred:
+            return
+        for symbol, received_at in deferred.items():
+            sync = self.books[symbol]
+            if sync.in_sync:
+                self._publish_view(sync, received_at)
 
     def _publish_out_of_sync(self, symbol: str, reason: ResyncReason, received_at: float) -> None:
         if self.board is None:
             return
+        if self._deferred is not None:
+            self._deferred.pop(symbol, None)  # never an in-sync view after this one
         sync = self.books[symbol]
         self.board.publish(
             BoardView(

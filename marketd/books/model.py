@@ -28,12 +28,22 @@ PARTIAL_DEPTHS: Final = (5, 10, 20)
 # the book turns prices into integers, and a string of thousands of digits is no price).
 _UDEC = re.compile(r"[0-9]{1,40}(?:\.[0-9]{1,40})?")
 # The same, as one pattern over a whole `[[price, qty], ...]` array in compact JSON (no spaces,
-# no escapes): a price with a non-zero digit, a quantity any plain decimal. Every string it
-# accepts is one `_UDEC` accepts, so a frame it passes needs no check per level.
-_RAW_DEC = rb"[0-9]{1,40}(?:\.[0-9]{1,40})?"
-_RAW_POS = rb"(?=[0-9.]*[1-9])" + _RAW_DEC  # the lookahead stops at the closing quote
-_RAW_LEVEL = rb'\["' + _RAW_POS + rb'","' + _RAW_DEC + rb'"\]'
-_RAW_SIDE = re.compile(rb"\[(?:" + _RAW_LEVEL + rb"(?:," + _RAW_LEVEL + rb")*)?\]")
+# no escapes), plus a search for a zero price (a string of zeros and dots right after `["`):
+# every string they pass is one `_UDEC` accepts, so a frame they pass needs no check per level.
+# Possessive quantifiers leave nothing to backtrack into (about half the time of the plain form).
+_RAW_DEC = rb"[0-9]{1,40}+(?:\.[0-9]{1,40}+)?+"
+_RAW_LEVEL = rb'\["' + _RAW_DEC + rb'","' + _RAW_DEC + rb'"\]'
+_RAW_SIDE = re.compile(rb"\[(?:" + _RAW_LEVEL + rb"(?:," + _RAW_LEVEL + rb")*+)?+\]")
+_RAW_ZERO_PRICE = re.compile(rb'\["[0.]*+"')
+
+
+def _raw_side_ok(side: msgspec.Raw) -> bool:
+    """Whether a compact `[[price, qty], ...]` array holds only plain decimals, prices > 0."""
+    if _RAW_SIDE.fullmatch(side) is None:
+        return False
+    return _RAW_ZERO_PRICE.search(side) is None
+
+
 _STREAM = re.compile(r"(?P<sym>[^@/!\s]+)@depth(?P<levels>5|10|20)?(?:@(?P<ms>100|1000)ms)?")
 
 
@@ -242,8 +252,8 @@ def decode_diff(data: bytes | str | msgspec.Raw, *, symbol: str | None = None) -
         or (symbol is not None and w.s != symbol)
         or not 0 <= w.E <= INT64_MAX
         or not 0 <= w.U <= w.u <= INT64_MAX
-        or _RAW_SIDE.fullmatch(b) is None
-        or _RAW_SIDE.fullmatch(a) is None
+        or not _raw_side_ok(b)
+        or not _raw_side_ok(a)
     ):
         return None
     update = DepthUpdate(

@@ -372,3 +372,30 @@ def test_the_keeper_takes_its_settings_from_the_config(tmp_path: Any) -> None:
     assert list(keeper.books) == ["ETHUSDT"] and keeper.diff_streams == {"ETHUSDT": "ethusdt@depth"}
     assert keeper.books["ETHUSDT"].snapshot_limit == 1000 and keeper.topics.raw_depth == "d"
     assert keeper.settings.max_future_ms == cfg.ingest.max_future_ms
+
+
+async def test_a_batch_of_frames_publishes_one_view_per_book_and_only_top_changes(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    rig = Rig()
+    rig.frame(diff(95, 101, bids=[("99.0", "5")], asks=[("104.0", "1")]))
+    await rig.start(nursery, FakeRest(BOOK))
+    await settle(lambda: rig.keeper.books[SYM].in_sync)
+    rig.board.take()
+    rig.keeper.begin_batch()
+    rig.frame(diff(102, 102, bids=[("98.0", "0")]))
+    rig.frame(diff(103, 103, asks=[("101.0", "2")]))
+    assert rig.board.pending() == 0  # nothing before the batch ends
+    rig.keeper.end_batch()
+    (view,) = rig.board.take()
+    assert view.last_update_id == 103 and view.asks[0] == ("101.0", "2")
+    # A change below the top redis_depth (2) levels: no reader could see it, no view.
+    rig.frame(diff(104, 104, bids=[("50.0", "1")]))
+    assert rig.board.take() == []
+    # A book that loses sync inside a batch is never shown in sync after its out-of-sync view.
+    rig.keeper.begin_batch()
+    rig.frame(diff(105, 105, bids=[("99.0", "6")]))
+    rig.frame(diff(107, 107, bids=[("99.0", "7")]))  # a gap
+    rig.keeper.end_batch()
+    views = rig.board.take()
+    assert [v.in_sync for v in views] == [False] and views[0].reason == "gap"
