@@ -74,6 +74,7 @@ class BookSim:
         self.start_us = start_us
         self.steps_made = 0  # steps generated or skipped since start_us (paced mode)
         self.withheld: list[tuple[int, int]] = []  # (U, u) of diff events dropped by a fault
+        self.stale_served: list[int] = []  # lastUpdateId of snapshots served stale by a fault
 
     def _qty(self) -> int:
         spec = self.spec

@@ -436,6 +436,7 @@ def _depth(api: RestApi, params: Mapping[str, str], div: int) -> Any:
         state.counters["stale_depth_snapshot"] += 1
         steps = list(sim.history)
         at = steps[-back].first_id - 1 if back <= len(steps) else sim.first_known_id
+        sim.stale_served.append(at)
         bids, asks = sim.top(limit, sim.book_at(at))
         return depth_book_dict(at, bids, asks)
     bids, asks = sim.top(limit)

@@ -73,6 +73,35 @@ class FakeExchange:
             conn.request_shutdown(delay)
         return len(conns)
 
+    def disconnect(self, stream: str | None = None) -> int:
+        """Abort (TCP, no close frame) every connection subscribed to `stream`, or every
+        connection when it is None; returns how many. Counted as `disconnect`."""
+        conns = [c for c in self.state.connections if stream is None or c.follows(stream)]
+        for conn in conns:
+            conn.abort()
+        return len(conns)
+
+    def book(
+        self, symbol: str, update_id: int | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        """The exchange's own book of `symbol` at `update_id` (default: now), best `limit`
+        levels per side first, as decimal strings. LookupError: no book, or an id outside the
+        history (`first_known_id`..`last_update_id`)."""
+        sim = self.state.books.get(symbol.upper())
+        if sim is None:
+            raise LookupError(f"no order book for {symbol!r}")
+        sim.advance_to(self.state.clock.now_us())
+        at = sim.last_id if update_id is None else update_id
+        bids, asks = self.state.books.book_at(sim.spec.symbol, at)
+        return {
+            "symbol": sim.spec.symbol,
+            "update_id": at,
+            "bids": bids[:limit],
+            "asks": asks[:limit],
+            "first_known_id": sim.first_known_id,
+            "last_update_id": sim.last_id,
+        }
+
     def stats(self) -> dict[str, Any]:
         state = self.state
         return {
@@ -90,6 +119,16 @@ class FakeExchange:
                 for sym, tape in state.market.tapes.items()
             },
             "rest_weight_used_1m": self.rest.limiter.used,
+            "books": {
+                sym: {
+                    "last_update_id": sim.last_id,
+                    "first_known_id": sim.first_known_id,
+                    "withheld": [list(w) for w in sim.withheld],
+                    "stale_snapshots": list(sim.stale_served),
+                }
+                for sym, sim in state.books.sims.items()
+                if sim.history or sim.withheld or sim.stale_served
+            },
         }
 
     @property
@@ -167,12 +206,12 @@ class FakeExchange:
         body: bytes,
     ) -> Response:
         if path.startswith("/fake/"):
-            return self._admin(method, path, body)
+            return self._admin(method, path, params, body)
         if method != "GET":
             return Response(405, orjson.dumps({"code": -1000, "msg": "GET only"}))
         return self.rest.handle(path, params, headers)
 
-    def _admin(self, method: str, path: str, body: bytes) -> Response:
+    def _admin(self, method: str, path: str, params: Mapping[str, str], body: bytes) -> Response:
         try:
             payload = orjson.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError as exc:
@@ -198,9 +237,33 @@ class FakeExchange:
             ):
                 return Response(400, orjson.dumps({"error": "close_after_s must be a number"}))
             return Response(200, orjson.dumps({"connections": self.server_shutdown(delay)}))
+        if path == "/fake/disconnect" and method == "POST":
+            stream = payload.get("stream")
+            if stream is not None and not isinstance(stream, str):
+                return Response(400, orjson.dumps({"error": "stream must be a stream name"}))
+            return Response(200, orjson.dumps({"connections": self.disconnect(stream)}))
+        if path == "/fake/book" and method == "GET":
+            return self._book(params)
         if path == "/fake/clock" and method == "POST":
             advance = payload.get("advance_s", 0)
             if isinstance(advance, bool) or not isinstance(advance, int | float) or advance < 0:
                 return Response(400, orjson.dumps({"error": "advance_s must be a number >= 0"}))
             return Response(200, orjson.dumps({"now_ms": self.advance_clock(advance)}))
         return Response(404, orjson.dumps({"error": f"no admin endpoint {method} {path}"}))
+
+    def _book(self, params: Mapping[str, str]) -> Response:
+        """`GET /fake/book?symbol=X[&update_id=N][&limit=K]`: `book()` as JSON."""
+        numbers: dict[str, int | None] = {}
+        for name in ("update_id", "limit"):
+            raw = params.get(name)
+            if raw is not None and not (raw.isascii() and raw.isdigit() and len(raw) < 20):
+                return Response(400, orjson.dumps({"error": f"{name} must be an integer"}))
+            numbers[name] = None if raw is None else int(raw)
+        symbol = params.get("symbol", "")
+        if not symbol:
+            return Response(400, orjson.dumps({"error": "symbol is required"}))
+        try:
+            book = self.book(symbol, numbers["update_id"], numbers["limit"])
+        except LookupError as exc:
+            return Response(404, orjson.dumps({"error": str(exc).strip("'\"")}))
+        return Response(200, orjson.dumps(book))

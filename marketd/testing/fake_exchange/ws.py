@@ -152,6 +152,17 @@ class WsConnection:
             out |= set(self.state.market.tapes)
         return out
 
+    def follows(self, stream: str) -> bool:
+        """Whether this connection is subscribed to `stream` (names are case-insensitive)."""
+        return stream.lower() in {name.lower() for name in self.subs}
+
+    def abort(self) -> None:
+        """End the connection now without a close frame, as a network failure would
+        (`POST /fake/disconnect`); the socket is closed as the connection's tasks unwind."""
+        self.state.counters["disconnect"] += 1
+        self._closing = True  # nothing more is written
+        self._scope.cancel()
+
     def tape_symbols(self) -> set[str]:
         return set(self._tape)
 
