@@ -2,8 +2,10 @@
 
 `SnapshotPacer` receives snapshot requests (`want`), their outcomes (`finished`) and the clock;
 it decides which request goes next and when: resyncs before audits, first come first served,
-at most `max_in_flight` at once, never more than `weight_per_min` in any 60 s window, spread
-evenly rather than in bursts, and a failed request retried after a capped, doubling delay.
+at most `max_in_flight` at once, never more than `weight_per_min` in any 60 s window, and a
+failed request retried after a capped, doubling delay. Up to `burst_weight` (default half the
+budget) goes out at once, so the resync of a few books is not held back; beyond it grants are
+spread evenly (a restart with hundreds of books paces itself instead of emptying the budget).
 `AuditRotation` picks one symbol in turn every `interval_s`. Neither does I/O: the driver sleeps
 until `wake_at()`, then takes `next_grant()` and still passes the weight budget
 (marketd.rest.budget), which also sees the process's other REST calls.
@@ -41,12 +43,14 @@ class SnapshotPacer:
         *,
         weight_per_min: int,
         max_in_flight: int = 2,
+        burst_weight: int | None = None,
         retry_base_s: float = DEFAULT_RETRY_BASE_S,
         retry_max_s: float = DEFAULT_RETRY_MAX_S,
     ) -> None:
         if weight_per_min < 1 or max_in_flight < 1:
             raise ValueError("weight_per_min and max_in_flight must be >= 1")
         self.weight_per_min = weight_per_min
+        self.burst_weight = weight_per_min // 2 if burst_weight is None else burst_weight
         self.max_in_flight = max_in_flight
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
@@ -102,7 +106,7 @@ class SnapshotPacer:
 
     def next_grant(self, now: float) -> RequestSnapshot | None:
         """The request to send now, if any (it counts as in flight until `finished`)."""
-        if len(self._in_flight) >= self.max_in_flight or now < self._next_at:
+        if len(self._in_flight) >= self.max_in_flight:
             return None
         entry = self._candidate(now)
         if entry is None:
@@ -111,6 +115,8 @@ class SnapshotPacer:
         weight = entry.request.weight
         if self._used + weight > self.weight_per_min:
             return None
+        if now < self._next_at and self._used + weight > self.burst_weight:
+            return None  # beyond the burst: evenly spaced
         key = (entry.request.symbol, entry.request.purpose)
         del self._queued[key]
         self._in_flight[key] = entry
@@ -128,7 +134,8 @@ class SnapshotPacer:
         if entry is None:
             return None
         self._expire(now)
-        at = max(now, entry.not_before, self._next_at)
+        spaced = self._used + entry.request.weight > self.burst_weight
+        at = max(now, entry.not_before, self._next_at if spaced else now)
         excess = self._used + entry.request.weight - self.weight_per_min
         if excess > 0:
             for granted_at, weight in self._spent:

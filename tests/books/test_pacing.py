@@ -33,7 +33,7 @@ def test_resyncs_go_before_audits_in_order_of_arrival() -> None:
 
 
 def test_spacing_and_in_flight_limit() -> None:
-    p = SnapshotPacer(weight_per_min=1000, max_in_flight=1)
+    p = SnapshotPacer(weight_per_min=1000, max_in_flight=1, burst_weight=0)
     for s in "ABC":
         p.want(req(s), 0.0)
     assert p.next_grant(0.0) == req("A")
@@ -42,6 +42,19 @@ def test_spacing_and_in_flight_limit() -> None:
     # 250 of 1000/min: one every 15 s.
     assert p.next_grant(0.5) is None and p.wake_at(0.5) == 15.0
     assert p.next_grant(15.0) == req("B")
+
+
+def test_a_burst_goes_at_once_then_spacing() -> None:
+    p = SnapshotPacer(weight_per_min=1000, max_in_flight=1)  # burst: 500, two of 250
+    for s in "ABC":
+        p.want(req(s), 0.0)
+    assert p.next_grant(0.0) == req("A")
+    p.finished("A", SYNC, ok=True, now=0.5)
+    assert p.wake_at(0.5) == 0.5 and p.next_grant(0.5) == req("B")  # within the burst
+    p.finished("B", SYNC, ok=True, now=1.0)
+    # 750 > 500: spaced, 15 s after B's grant.
+    assert p.next_grant(1.0) is None and p.wake_at(1.0) == 15.5
+    assert p.next_grant(15.5) == req("C")
 
 
 def test_failed_request_is_retried_with_a_growing_delay() -> None:
