@@ -6,8 +6,9 @@
     .venv/bin/python bench/book.py --runs paced    # 200 symbols x @depth@100ms, Redis writer
 
 - `micro`: the depth path inside marketd without the WebSocket and Kafka: `BookKeeper.on_frame`
-  (decode, validate, raw_depth record, apply, board view) over events of the fake exchange's own
-  book generator (10-30 level changes each), µs of CPU per event; and the memory of books full
+  (decode, validate, raw_depth record, apply, one board view per batch of 25 frames) over
+  events of the fake exchange's own book generator (10-30 level changes each), µs of CPU per
+  event; and the memory of books full
   to `book.max_levels` (RSS of this process before and after building them). With PYTHONPATH
   pointing at another tree it measures that tree's code.
 - `max`: `marketd fake-exchange --depth-max` (one event per book step, as fast as the client
@@ -46,6 +47,9 @@ import msgspec
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 DIFF_STREAM = "{}@depth@100ms"
+# `python -m` puts its working directory first on sys.path: the daemon and the fake exchange
+# run from a neutral one, so that PYTHONPATH (or else the installed tree) decides what runs.
+_NEUTRAL_CWD = tempfile.gettempdir()
 
 
 class Envelope(msgspec.Struct):
@@ -133,9 +137,13 @@ def micro(n: int, books: int, max_levels: int) -> None:
         k2.on_frame(spec, envs[0].data, recv_ns)
         k2._perform(s2, s2.on_snapshot(snap, 0.0), [], 0.0)
         c0 = time.process_time()
-        for d in datas:
+        for i, d in enumerate(datas):
+            if i % 25 == 0:  # BookIntake's receive batches (~25 frames at max rate)
+                k2.end_batch()
+                board.take()
+                k2.begin_batch()
             k2.on_frame(spec, d, recv_ns)
-            board.take()
+        k2.end_batch()
         results.append((time.process_time() - c0) / n * 1e6)
         assert s2.in_sync and s2.applied == n + 1
     print(
@@ -201,7 +209,9 @@ def _start_exchange(symbols: list[str], *, depth_max: bool, levels: int) -> tupl
     ]
     if depth_max:
         args.append("--depth-max")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=_NEUTRAL_CWD
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     m = re.search(r"ws=(\S+)", line)
@@ -285,6 +295,7 @@ def run_marketd(
     proc = subprocess.Popen(
         [sys.executable, "-m", "marketd.cli", "run"],
         env=env,
+        cwd=_NEUTRAL_CWD,
         stderr=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
     )
@@ -351,6 +362,12 @@ def run_marketd(
         out["redis_p50_ms"] = window_quantile(b0, b1, 0.5) * 1000
         out["redis_p99_ms"] = window_quantile(b0, b1, 0.99) * 1000
         out["redis_writes"] = delta("marketd_book_redis_writes_total")
+        w0 = _buckets(m0, "marketd_book_redis_write_seconds")
+        w1 = _buckets(m1, "marketd_book_redis_write_seconds")
+        pipelines = (max(w1.values()) if w1 else 0.0) - (max(w0.values()) if w0 else 0.0)
+        out["redis_pipelines_per_s"] = pipelines / elapsed
+        out["redis_pipeline_p50_ms"] = window_quantile(w0, w1, 0.5) * 1000
+        out["redis_pipeline_p99_ms"] = window_quantile(w0, w1, 0.99) * 1000
     return out
 
 
