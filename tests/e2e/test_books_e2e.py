@@ -525,8 +525,14 @@ async def test_books_through_the_daemon_equal_the_exchange_through_drop_disconne
                 periodic = [s for s in t.snapshots(symbol)[-3:] if s.reason == "periodic"]
                 return len(after) >= 30 and len(periodic) >= 2
 
+            def enough_snapshots() -> bool:
+                return sum(s.in_sync for s in t.records["snapshots"]) >= 20
+
             await wait_until(
-                lambda: all(settled(b) for b in BOOKS), "30 diffs after the last resync", 30, tail
+                lambda: all(settled(b) for b in BOOKS) and enough_snapshots(),
+                "30 diffs after the last resync, 20 in-sync snapshots",
+                30,
+                tail,
             )
             stats = await w.admin.stats()
             readyz = await w.readyz()
