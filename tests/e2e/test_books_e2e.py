@@ -275,7 +275,9 @@ class World:
             # Where the outside world is; everything else as shipped.
             "BINANCE_WS_URL": self.fx.ws_url,
             "BINANCE_REST_URL": self.fx.http_url,
-            "BINANCE_STREAMS": ",".join([*shipped_streams(), *DIFF_STREAMS, PARTIAL_STREAM]),
+            "BINANCE_STREAMS": ",".join(
+                dict.fromkeys([*shipped_streams(), *DIFF_STREAMS, PARTIAL_STREAM])
+            ),
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
             "REDIS_URL": self.redis_url,
             "POSTGRES_DSN": "",
