@@ -5,10 +5,11 @@ is waiting, reads the union of their keys with one HGETALL pipeline, and answers
 that arrives while a read is in flight waits for the next one: an answer always reflects Redis at
 or after the request arrived (no cache). When the reader stops, waiting requests fail.
 
-The pipeline goes over `NativeReads`, a read-only RESP client on a trio socket (replies parsed by
-hiredis), so a batch costs no thread hop. Why: the thread hop (~150 µs, docs/performance.md §6)
-per request halved throughput; per batch it was still paid once, and in the default daemon every
-hop also waits for the GIL behind the ingest and ticker threads (BENCHMARKS.md, "HTTP API").
+The pipeline goes over `NativeReads`, read-only on a trio socket (marketd/redis_wire.py, replies
+parsed by hiredis), so a batch costs no thread hop. Why: the thread hop (~150 µs,
+docs/performance.md §6) per request halved throughput; per batch it was still paid once, and in
+the default daemon every hop also waits for the GIL behind the ingest and ticker threads
+(BENCHMARKS.md, "HTTP API").
 Stores that are not plain TCP (TLS, unix socket) use the sync redis-py client in a worker thread
 (redis.asyncio does not work under trio).
 """
@@ -16,22 +17,15 @@ Stores that are not plain TCP (TLS, unix socket) use the sync redis-py client in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import hiredis
 import trio
 
 from marketd.errors import StoreUnavailable
+from marketd.redis_wire import RespConnection, command
 from marketd.tickers.rules import ticker_key
 from marketd.tickers.store import TcpAddress
-
-
-def _command(*parts: str | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        raw = part.encode() if isinstance(part, str) else part
-        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-    return b"".join(out)
 
 
 class HashStore(Protocol):
@@ -59,59 +53,11 @@ class NativeReads:
         self.address = address
         self.client_name = client_name
         self.key = key  # symbol -> hash key, as the store's own `read` names it
-        self._stream: trio.SocketStream | None = None
-        self._reader = hiredis.Reader()
-
-    async def _connect(self) -> trio.SocketStream:
-        a = self.address
-        stream = await trio.open_tcp_stream(a.host, a.port)
-        self._reader = hiredis.Reader()
-        setup: list[bytes] = []
-        if a.password is not None:
-            args = (a.username, a.password) if a.username else (a.password,)
-            setup.append(_command("AUTH", *args))
-        if a.db:
-            setup.append(_command("SELECT", str(a.db)))
-        setup.append(_command("CLIENT", "SETNAME", self.client_name))
-        self._stream = stream
-        for reply in await self._roundtrip(b"".join(setup), len(setup)):
-            if isinstance(reply, hiredis.ReplyError):
-                raise StoreUnavailable(f"redis refused the connection setup: {reply}")
-        return stream
-
-    async def _roundtrip(self, payload: bytes, replies: int) -> list[Any]:
-        assert self._stream is not None
-        await self._stream.send_all(payload)
-        out: list[Any] = []
-        while len(out) < replies:
-            reply = self._reader.gets()
-            if reply is False:
-                data = await self._stream.receive_some(65536)
-                if not data:
-                    raise StoreUnavailable("redis closed the connection")
-                self._reader.feed(data)
-                continue
-            out.append(reply)
-        return out
+        self._conn = RespConnection(address, client_name)
 
     async def read(self, symbols: Sequence[str]) -> list[dict[str, str]]:
-        try:
-            with trio.fail_after(self.address.timeout_s):
-                if self._stream is None:
-                    await self._connect()
-                payload = b"".join(_command("HGETALL", self.key(s)) for s in symbols)
-                replies = await self._roundtrip(payload, len(symbols))
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            await self.close()
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        except trio.TooSlowError as exc:
-            await self.close()
-            raise StoreUnavailable(f"redis did not answer in {self.address.timeout_s:g}s") from exc
-        except (StoreUnavailable, hiredis.ProtocolError) as exc:
-            await self.close()
-            if isinstance(exc, StoreUnavailable):
-                raise
-            raise StoreUnavailable(f"redis: unreadable reply: {exc}") from exc
+        payload = b"".join(command("HGETALL", self.key(s)) for s in symbols)
+        replies = await self._conn.roundtrip(payload, len(symbols))
         rows: list[dict[str, str]] = []
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
@@ -127,10 +73,7 @@ class NativeReads:
         return rows
 
     async def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
+        await self._conn.close()
 
 
 class _Request:
