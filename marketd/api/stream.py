@@ -361,6 +361,41 @@ class TickerHub:
         self._scope.cancel()
 
 
+async def _serve_client(
+    hub: TickerHub,
+    queue: ClientQueue,
+    scope: dict[str, Any],
+    receive: Receive,
+    send: Send,
+    *,
+    resume: Callable[[Client, str], Awaitable[int]],
+    resync: Callable[[Client], Awaitable[None]],
+    push: Callable[[Client], Awaitable[None]],
+) -> None:
+    """One stream client from its 200 to its end (the same for tickers and books): subscribed
+    before anything is read, so nothing stored meanwhile is missed; then what changed after its
+    Last-Event-ID (`resume`: events sent, -1 when that id is no longer known) or a fresh
+    snapshot (`resync`); then every update (`push`) until it disconnects or is dropped."""
+    last_event_id = _header(scope, b"last-event-id")
+    resumable = last_event_id is not None and parse_update_id(last_event_id) is not None
+    async with trio.open_nursery() as nursery:
+        client = hub.subscribe(queue, nursery.cancel_scope)
+        try:
+            nursery.start_soon(_wait_disconnect, receive, nursery.cancel_scope)
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                nursery.cancel_scope.cancel()
+                return
+            sent = await resume(client, last_event_id) if last_event_id and resumable else -1
+            if sent < 0:
+                await resync(client)
+            await push(client)
+        finally:
+            hub.unsubscribe(client)
+            nursery.cancel_scope.cancel()
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -490,8 +525,6 @@ class StreamApp:
             return
         query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
         conflate = query.get("conflate", ["1"])[-1] not in ("0", "false", "no")
-        last_event_id = _header(scope, b"last-event-id")
-        resume = parse_update_id(last_event_id) if last_event_id else None
         follow = None if set(symbols) == self.tracked_set else frozenset(symbols)
         queue = ClientQueue(
             follow,
@@ -500,24 +533,16 @@ class StreamApp:
             max_behind_s=hub.limits.max_behind_s,
             # Queue from now on; the snapshot or resume point then drops what it covers.
         )
-        async with trio.open_nursery() as nursery:
-            client = hub.subscribe(queue, nursery.cancel_scope)
-            try:
-                nursery.start_soon(_wait_disconnect, receive, nursery.cancel_scope)
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                if scope["method"] == "HEAD":
-                    await send({"type": "http.response.body", "body": b""})
-                    nursery.cancel_scope.cancel()
-                    return
-                sent = 0
-                if resume is not None and last_event_id is not None:
-                    sent = await self._resume(client, symbols, last_event_id, send)
-                if sent < 0 or resume is None:
-                    await self._resync(client, symbols, send)
-                await self._push(client, symbols, send)
-            finally:
-                hub.unsubscribe(client)
-                nursery.cancel_scope.cancel()
+        await _serve_client(
+            hub,
+            queue,
+            scope,
+            receive,
+            send,
+            resume=lambda client, after: self._resume(client, symbols, after, send),
+            resync=lambda client: self._resync(client, symbols, send),
+            push=lambda client: self._push(client, symbols, send),
+        )
 
     async def _resume(
         self, client: Client, symbols: tuple[str, ...], after_id: str, send: Send
@@ -654,31 +679,21 @@ class StreamApp:
                 send, 503, {"error": "too_many_streams", "detail": "try again later"}
             )
             return
-        last_event_id = _header(scope, b"last-event-id")
-        resume = parse_update_id(last_event_id) if last_event_id else None
         queue = ClientQueue(
             frozenset((symbol,)),
             max_pending=hub.limits.max_pending,
             max_behind_s=hub.limits.max_behind_s,
         )
-        async with trio.open_nursery() as nursery:
-            client = hub.subscribe(queue, nursery.cancel_scope)
-            try:
-                nursery.start_soon(_wait_disconnect, receive, nursery.cancel_scope)
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                if scope["method"] == "HEAD":
-                    await send({"type": "http.response.body", "body": b""})
-                    nursery.cancel_scope.cancel()
-                    return
-                sent = 0
-                if resume is not None and last_event_id is not None:
-                    sent = await self._book_resume(client, symbol, depth, last_event_id, send)
-                if sent < 0 or resume is None:
-                    await self._book_resync(client, symbol, depth, send)
-                await self._book_push(client, symbol, depth, send)
-            finally:
-                hub.unsubscribe(client)
-                nursery.cancel_scope.cancel()
+        await _serve_client(
+            hub,
+            queue,
+            scope,
+            receive,
+            send,
+            resume=lambda client, after: self._book_resume(client, symbol, depth, after, send),
+            resync=lambda client: self._book_resync(client, symbol, depth, send),
+            push=lambda client: self._book_push(client, symbol, depth, send),
+        )
 
     async def _book_resume(
         self, client: Client, symbol: str, depth: int | None, after_id: str, send: Send

@@ -122,15 +122,7 @@ async def _run_backfill(
                 await trio.sleep_forever()
             watch = RestWatch(rt)
             try:
-                async with (
-                    BinanceRest(
-                        cfg.binance.rest_url,
-                        budget,
-                        timeout_s=cfg.backfill.request_timeout_s,
-                        metrics=rt.metrics,
-                    ) as rest,
-                    trio.open_nursery() as nursery,
-                ):
+                async with _rest(rt, budget) as rest, trio.open_nursery() as nursery:
                     nursery.start_soon(watch.probe_forever, rest.ping)
                     await run_backfill(
                         requests_rx,
@@ -146,6 +138,14 @@ async def _run_backfill(
                 rt.health.forget(BACKFILL)
 
 
+def _rest(rt: Runtime, budget: WeightBudget) -> BinanceRest:
+    """A Binance REST client on the process's shared weight budget (backfill, book snapshots)."""
+    cfg = rt.config
+    return BinanceRest(
+        cfg.binance.rest_url, budget, timeout_s=cfg.backfill.request_timeout_s, metrics=rt.metrics
+    )
+
+
 async def _run_books(
     rt: Runtime, books: BookKeeper, board: BookBoard, outbox: Outbox, budget: WeightBudget
 ) -> None:
@@ -159,15 +159,7 @@ async def _run_books(
         outbox.add(records)
         await outbox.drain()
 
-    async with (
-        BinanceRest(
-            cfg.binance.rest_url,
-            budget,
-            timeout_s=cfg.backfill.request_timeout_s,
-            metrics=rt.metrics,
-        ) as rest,
-        trio.open_nursery() as nursery,
-    ):
+    async with _rest(rt, budget) as rest, trio.open_nursery() as nursery:
         if rt.redis_url is not None:
             nursery.start_soon(
                 functools.partial(run_book_writer, rt, board, redis_depth=cfg.book.redis_depth)
