@@ -4,6 +4,7 @@
     .venv/bin/python bench/book.py --runs micro    # BookKeeper.on_frame in this process
     .venv/bin/python bench/book.py --runs max      # one symbol, diff events as fast as read
     .venv/bin/python bench/book.py --runs paced    # 200 symbols x @depth@100ms, Redis writer
+    .venv/bin/python bench/book.py --runs write    # the writer's Redis clients, per book
 
 - `micro`: the depth path inside marketd without the WebSocket and Kafka: `BookKeeper.on_frame`
   (decode, validate, raw_depth record, apply, one board view per batch of 25 frames) over
@@ -21,6 +22,11 @@
   redis-server started here) and the book writer: p99 of marketd_book_update_to_redis_seconds
   (from `BookView.received_at`, stamped by on_frame after the WebSocket receive, to the
   pipelined Redis write acknowledged) over the window, CPU per 1,000 events, RSS.
+- `write` (not in the default set): the book writer's two Redis clients in this process against
+  a redis-server started here, pipelines of `--batch` books (20 levels per side; ~34, the paced
+  run's, by default) as the writer sends them: redis-py's `BookStore.write` in a worker thread
+  and `NativeBookWrites` on the trio thread. µs of this process's CPU per book, of
+  redis-server's CPU per book, and wall time per pipeline (p50 / p99).
 
 The machine these run on is shared: figures taken while other work runs are loaded-machine
 figures and are printed as such.
@@ -184,6 +190,92 @@ def micro(n: int, books: int, max_levels: int) -> None:
         f"memory: {books} books x {max_levels} levels per side: RSS {rss0:.1f} -> {rss1:.1f} MB, "
         f"{per_book:.2f} MB per full book ({per_book * 2**20 / (2 * max_levels):.0f} B per level)"
     )
+
+
+# -- write: the book writer's Redis clients --------------------------------------------------------
+
+
+def _write_views(update_id: int, batch: int, symbols: int) -> list[Any]:
+    from marketd.books.board import BookView
+    from marketd.books.store import BookWrite
+
+    out = []
+    for k in range(batch):
+        mid = 95_000 + (update_id + k) % 50
+        bids = tuple((f"{mid - i * 0.01:.8f}", f"{1 + i * 0.137:.8f}") for i in range(20))
+        asks = tuple((f"{mid + 1 + i * 0.01:.8f}", f"{2 + i * 0.071:.8f}") for i in range(20))
+        view = BookView(
+            symbol=f"B{(update_id * batch + k) % symbols:03d}USDT",
+            last_update_id=update_id,
+            event_time=1_700_000_000_000 + update_id,
+            bids=bids,
+            asks=asks,
+            in_sync=True,
+        )
+        out.append(BookWrite(view))
+    return out
+
+
+def write_micro(passes: int, batch: int, symbols: int) -> None:
+    import psutil  # type: ignore[import-untyped]
+    import trio
+
+    from marketd.books import store as book_store
+    from marketd.tickers.redis_server import RedisProcess
+
+    native_class = getattr(book_store, "NativeBookWrites", None)  # absent in older trees
+    redis_proc = RedisProcess().start()
+    server = psutil.Process(redis_proc._proc.pid)  # type: ignore[union-attr]
+    try:
+        for name in ("redis-py in a thread", "trio-native"):
+            if name == "trio-native" and native_class is None:
+                continue
+            store = book_store.BookStore(redis_proc.url)
+            pipelines = [_write_views(1_000 + i, batch, symbols) for i in range(passes)]
+
+            async def run(
+                store: Any = store, name: str = name, pipelines: list[Any] = pipelines
+            ) -> list[float]:
+                limiter = trio.CapacityLimiter(1)
+                native = native_class(store.tcp_address()) if name == "trio-native" else None
+
+                async def write(writes: list[Any]) -> None:
+                    t = time.time_ns() // 1_000_000
+                    if native is not None:
+                        await native.write(writes, t, 60, 20)
+                    else:
+                        await trio.to_thread.run_sync(
+                            store.write, writes, t, 60, 20, limiter=limiter
+                        )
+
+                await write(_write_views(1, batch, symbols))  # connect, load the script
+                walls = []
+                for writes in pipelines:
+                    t0 = time.perf_counter()
+                    await write(writes)
+                    walls.append(time.perf_counter() - t0)
+                if native is not None:
+                    await native.close()
+                return walls
+
+            gc.collect()
+            s0, c0 = server.cpu_times(), time.process_time()
+            walls = sorted(trio.run(run))
+            cpu, s1 = time.process_time() - c0, server.cpu_times()
+            store.close()
+            books = passes * batch
+            server_cpu = (s1.user + s1.system) - (s0.user + s0.system)
+            _print(
+                f"write, {name}: {passes} pipelines of {batch} books, 20 levels per side",
+                {
+                    "us_cpu_per_book": cpu / books * 1e6,
+                    "us_server_cpu_per_book": server_cpu / books * 1e6,
+                    "pipeline_p50_ms": walls[len(walls) // 2] * 1000,
+                    "pipeline_p99_ms": walls[int(len(walls) * 0.99)] * 1000,
+                },
+            )
+    finally:
+        redis_proc.stop()
 
 
 # -- marketd runs ---------------------------------------------------------------------------------
@@ -379,12 +471,14 @@ def _print(title: str, result: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="micro,max,paced", help="of micro,max,paced")
+    parser.add_argument("--runs", default="micro,max,paced", help="of micro,max,paced,write")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--events", type=int, default=20_000, help="micro: diff events")
     parser.add_argument("--books", type=int, default=200, help="micro: full books for memory")
     parser.add_argument("--max-levels", type=int, default=5000)
     parser.add_argument("--symbols", type=int, default=200, help="paced: symbols")
+    parser.add_argument("--passes", type=int, default=300, help="write: pipelines per client")
+    parser.add_argument("--batch", type=int, default=34, help="write: books per pipeline")
     args = parser.parse_args()
     import trio
 
@@ -396,6 +490,8 @@ def main() -> None:
     runs = args.runs.split(",")
     if "micro" in runs:
         micro(args.events, args.books, args.max_levels)
+    if "write" in runs:
+        write_micro(args.passes, args.batch, args.symbols)
     if "max" in runs:
         result = run_marketd(
             symbols=["BTCUSDT"],

@@ -1,7 +1,9 @@
 """The book writer: the newest `BookView` of every changed book -> Redis `book:{SYMBOL}`.
 
 Receives views from the `BookBoard` (books/board.py) that the book keeper publishes per applied
-batch, and writes the newest per symbol with one conditional pipeline (books/store.py). It never
+batch, and writes the newest per symbol with one conditional pipeline per pass (books/store.py):
+over a trio socket to a plain TCP Redis (`NativeBookWrites`: no thread, no GIL hand-over with the
+ingest loop, docs/performance.md §8), else (TLS, unix socket) redis-py in a worker thread. It never
 slows the keeper: publishing only replaces the board's view, and while Redis is slow or down the
 writer keeps taking (conflated) views and retries the newest with capped backoff. Redis out of
 reach is the `books` health entry's state with its reason, never an error. Returns on drain after
@@ -18,7 +20,14 @@ import trio
 
 from marketd.backoff import Backoff
 from marketd.books.board import BookBoard, BookView
-from marketd.books.store import DEFAULT_REDIS_DEPTH, BookStore, BookWrite, WriteResult, WriteStatus
+from marketd.books.store import (
+    DEFAULT_REDIS_DEPTH,
+    BookStore,
+    BookWrite,
+    NativeBookWrites,
+    WriteResult,
+    WriteStatus,
+)
 from marketd.errors import ConfigError, StoreUnavailable
 from marketd.health import Dependency, address, error_text
 from marketd.logs import Throttle, get_logger
@@ -69,10 +78,13 @@ class BookWriter:
         redis_depth: int = DEFAULT_REDIS_DEPTH,
         ttl_s: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        native: bool = True,
     ) -> None:
         self.rt = rt
         self.board = board
         self.store = store
+        tcp = store.tcp_address() if native else None
+        self.native = NativeBookWrites(tcp) if tcp is not None else None
         self.depth = redis_depth
         self.ttl_s = ttl_s if ttl_s is not None else rt.config.tickers.ttl_s
         self.clock = clock
@@ -97,6 +109,27 @@ class BookWriter:
 
     async def redis_call(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _store_write(self, writes: list[BookWrite]) -> list[WriteResult]:
+        if self.native is not None:
+            return await self.native.write(writes, _now_ms(), self.ttl_s, self.depth)
+        results: list[WriteResult] = await self.redis_call(
+            self.store.write, writes, _now_ms(), self.ttl_s, self.depth
+        )
+        return results
+
+    async def _store_ping(self) -> None:
+        if self.native is not None:
+            await self.native.ping()
+        else:
+            await self.redis_call(self.store.ping)
+
+    async def close(self) -> None:
+        """Close both clients (the writer's own connection and the store's pool)."""
+        with trio.CancelScope(shield=True):
+            if self.native is not None:
+                await self.native.close()
+            await trio.to_thread.run_sync(self.store.close, limiter=self._limiter)
 
     # -- taking ------------------------------------------------------------------------------
 
@@ -170,9 +203,7 @@ class BookWriter:
         writes = self.writes()
         started = time.perf_counter()
         try:
-            results: list[WriteResult] = await self.redis_call(
-                self.store.write, writes, _now_ms(), self.ttl_s, self.depth
-            )
+            results = await self._store_write(writes)
         except StoreUnavailable as exc:
             self._down(exc)
             return False
@@ -213,7 +244,7 @@ class BookWriter:
 
     async def check_redis(self) -> None:
         try:
-            await self.redis_call(self.store.ping)
+            await self._store_ping()
         except StoreUnavailable as exc:
             self._down(exc)
             return
@@ -267,24 +298,32 @@ async def run_book_writer(
     redis_depth: int = DEFAULT_REDIS_DEPTH,
     ttl_s: int | None = None,
     clock: Callable[[], float] = time.monotonic,
+    native: bool = True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Task entry point: started() at once (Redis is a health state); returns on drain.
 
     `clock` must be the clock of `BookView.received_at` (the keeper's, time.monotonic): the
     update->Redis latency metric. `ttl_s` defaults to the tickers' TTL (tickers.ttl_s).
+    `native=False` keeps redis-py in a thread even for a plain TCP store (tests, benchmarks).
     """
     if rt.redis_url is None:
         raise ConfigError("redis.url", "runtime", "the book writer needs Redis; none resolved")
     rt.health.set(COMPONENT, started=True, healthy=False, reason="starting")
     store = BookStore(rt.redis_url, timeout_s=REDIS_TIMEOUT_S, client_name="marketd-books")
+    writer = BookWriter(
+        rt, board, store, redis_depth=redis_depth, ttl_s=ttl_s, clock=clock, native=native
+    )
     try:
-        writer = BookWriter(rt, board, store, redis_depth=redis_depth, ttl_s=ttl_s, clock=clock)
         task_status.started()
-        log.info("books.writer_started", depth=redis_depth, ttl_s=writer.ttl_s)
+        log.info(
+            "books.writer_started",
+            depth=redis_depth,
+            ttl_s=writer.ttl_s,
+            client="trio" if writer.native is not None else "redis-py",
+        )
         await writer.check_redis()
         await writer.run()
     finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(store.close)
+        await writer.close()
         rt.health.set(COMPONENT, healthy=False, reason="stopped")

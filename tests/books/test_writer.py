@@ -1,5 +1,7 @@
 """The book writer against a real redis-server: board views land in Redis, newest per symbol; a
-Redis outage is the `books` health state while views keep conflating; resyncs; drain."""
+Redis outage is the `books` health state while views keep conflating; resyncs; drain. The
+writes and the outage hold for both write clients (trio-native for a plain TCP Redis, redis-py in a
+thread otherwise)."""
 
 from __future__ import annotations
 
@@ -49,9 +51,13 @@ def stored(client: redis.Redis, symbol: str = "BTCUSDT") -> dict[str, str]:
 
 
 @asynccontextmanager
-async def writer(rt: Runtime, board: BookBoard, depth: int = 20) -> AsyncIterator[None]:
+async def writer(
+    rt: Runtime, board: BookBoard, depth: int = 20, *, native: bool = True
+) -> AsyncIterator[None]:
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(run_book_writer, rt, board, redis_depth=depth))
+        await nursery.start(
+            functools.partial(run_book_writer, rt, board, redis_depth=depth, native=native)
+        )
         yield
         rt.draining.set()
 
@@ -61,7 +67,13 @@ def healthy(rt: Runtime) -> bool:
     return h is not None and h.healthy
 
 
-async def test_views_land_in_redis_newest_per_symbol(redis_server: RedisProcess) -> None:
+NATIVE = pytest.mark.parametrize("native", [True, False], ids=["trio", "redis-py"])
+
+
+@NATIVE
+async def test_views_land_in_redis_newest_per_symbol(
+    redis_server: RedisProcess, native: bool
+) -> None:
     rt = runtime(redis_url=redis_server.url)
     board = BookBoard()
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -69,7 +81,7 @@ async def test_views_land_in_redis_newest_per_symbol(redis_server: RedisProcess)
         enabled = rt.config.components.enabled()
         assert COMPONENT not in rt.health.entries(enabled)  # no books kept: no entry in /readyz
         with trio.fail_after(20):
-            async with writer(rt, board, depth=1):
+            async with writer(rt, board, depth=1, native=native):
                 await until(lambda: healthy(rt))
                 entry = rt.health.entries(enabled)[COMPONENT]
                 assert entry["healthy"] and entry["reason"].startswith("writing books to redis")
@@ -96,15 +108,16 @@ async def test_views_land_in_redis_newest_per_symbol(redis_server: RedisProcess)
         client.close()
 
 
+@NATIVE
 async def test_a_redis_outage_is_a_health_state_and_the_newest_view_is_written_after(
-    redis_server: RedisProcess,
+    redis_server: RedisProcess, native: bool
 ) -> None:
     rt = runtime(redis_url=redis_server.url)
     board = BookBoard()
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         with trio.fail_after(30):
-            async with writer(rt, board):
+            async with writer(rt, board, native=native):
                 board.publish(view(1))
                 await until(lambda: stored(client).get("last_update_id") == "1")
                 redis_server.stop()
@@ -163,3 +176,23 @@ async def test_quiet_books_are_rewritten_within_a_third_of_the_ttl() -> None:
     assert list(w.pending) == []
     w.refresh_quiet(110.0)  # BTCUSDT: 10 s = ttl/3 without a write
     assert [(s, v.last_update_id) for s, v in w.pending.items()] == [("BTCUSDT", 5)]
+
+
+async def test_the_trio_client_only_for_plain_tcp_stores() -> None:
+    rt = runtime(redis_url="redis://127.0.0.1:1/0")
+    board = BookBoard()
+    stores = {
+        url: BookStore(url)
+        for url in ("redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/nope.sock")
+    }
+    try:
+        native = {url: BookWriter(rt, board, s).native is not None for url, s in stores.items()}
+        assert native == {
+            "redis://127.0.0.1:1/0": True,
+            "rediss://127.0.0.1:1/0": False,
+            "unix:///tmp/nope.sock": False,
+        }
+        assert BookWriter(rt, board, stores["redis://127.0.0.1:1/0"], native=False).native is None
+    finally:
+        for s in stores.values():
+            s.close()
