@@ -310,7 +310,8 @@ class TickerHub:
                 continue
             cursor = batch[-1].id
             self.updates += len(batch)
-            self.offer(self._updates(batch))
+            if self.clients:  # nobody to tell: a client that comes reads its own snapshot
+                self.offer(self._updates(batch))
 
     def _updates(self, batch: list[Any]) -> list[Pushed]:
         out: list[Pushed] = []
