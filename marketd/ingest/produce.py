@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import confluent_kafka
@@ -49,6 +49,10 @@ _RETURNED: frozenset[int] = frozenset(
     }
 )
 
+
+# `produce()`'s partition argument for "let librdkafka's partitioner choose" (RD_KAFKA_PARTITION_UA,
+# the default when the argument is left out).
+_ANY_PARTITION: Final = -1
 
 RunBlocking = Callable[[Callable[[], Any]], Awaitable[Any]]
 # Stands in for the accepted counter when a batch was counted before (never registered).
@@ -139,6 +143,7 @@ class KafkaSink:
         self._in_flight = trio.Event()  # set when something was produced since the last drain
         self._throttle = Throttle(60.0)
         self._latency = stats.latency.labels()
+        self._delivered = stats.delivered.values  # incremented inline per delivery report
         self.backpressure_waits = 0
 
     # -- delivery reports (trio thread; the flush thread at shutdown) ------------------------
@@ -161,17 +166,25 @@ class KafkaSink:
         self.on_resolved = on_resolved
 
     def _on_delivery(
-        self, recv_ns: int, seq: int, err: confluent_kafka.KafkaError | None, msg: Any
+        self,
+        topic: str,
+        recv_ns: int,
+        seq: int,
+        err: confluent_kafka.KafkaError | None,
+        msg: Any,
     ) -> None:
+        # One call per delivery report (served by poll() on the trio thread, or by the flush
+        # thread at shutdown). The topic is bound in at produce time rather than asked of the
+        # report (each `msg.topic()` builds a new string in C); docs/performance.md §3.
         if self._abandoned:
             return  # purged by `abandon`: kept in the spool, not a failure
-        topic = msg.topic()
         unacked = self.unacked
         if unacked is not None:
             unacked.pop(seq, None)
         hook = self.on_resolved
         if err is None:
-            self.stats.delivered.inc(topic)
+            delivered = self._delivered  # FastCounter.inc, inlined
+            delivered[topic] = delivered.get(topic, 0) + 1
             self._latency.observe((time.time_ns() - recv_ns) / 1e9)
             self.progress_at = self.acked_at = self._clock()
             self.brokers_down = False
@@ -182,7 +195,10 @@ class KafkaSink:
             self.stats.returned.inc(topic)
             if hook is None or not hook(seq, False):
                 self.returned.append(
-                    (seq, SpoolEntry(topic, msg.key(), msg.value() or b"", recv_ns, msg.headers()))
+                    (
+                        seq,
+                        SpoolEntry(topic, msg.key(), msg.value() or b"", recv_ns, msg.headers()),
+                    )
                 )
             return
         self.delivery_failed(msg, err)
@@ -248,8 +264,9 @@ class KafkaSink:
         path calls it from the connection task that decoded the batch (docs/performance.md §7).
         `counted`: the records were counted as accepted already (the spooling stage)."""
         producer = self._producer
-        accepted = _UNCOUNTED if counted else self.stats.accepted
-        on_delivery = self._on_delivery
+        produce = producer.produce
+        counts = (_UNCOUNTED if counted else self.stats.accepted).values
+        report = self._on_delivery
         partial = functools.partial
         if not len(producer):
             self.progress_at = self._clock()  # idle until now: the ack clock starts here
@@ -258,18 +275,32 @@ class KafkaSink:
         taken = 0
         try:
             for out in batch:
-                producer.produce(
-                    out.topic,
-                    out.value,
-                    out.key,
-                    on_delivery=partial(on_delivery, out.recv_ns, seq),
-                    headers=out.headers,
-                )
+                # Positional arguments (partition -1: librdkafka's partitioner) and headers only
+                # when the record has some: keyword parsing measured ~0.3 us per call
+                # (docs/performance.md §3).
+                topic = out.topic
+                if out.headers is None:
+                    produce(
+                        topic,
+                        out.value,
+                        out.key,
+                        _ANY_PARTITION,
+                        partial(report, topic, out.recv_ns, seq),
+                    )
+                else:
+                    produce(
+                        topic,
+                        out.value,
+                        out.key,
+                        _ANY_PARTITION,
+                        partial(report, topic, out.recv_ns, seq),
+                        headers=out.headers,
+                    )
                 if unacked is not None:
                     unacked[seq] = out
                 seq += 1
                 taken += 1
-                accepted.inc(out.topic)
+                counts[topic] = counts.get(topic, 0) + 1  # FastCounter.inc, inlined
         except BufferError:
             pass  # local queue full: the caller waits for room (`room`), then offers the rest
         finally:

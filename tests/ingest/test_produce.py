@@ -49,6 +49,7 @@ class FakeProducer:
         self.fail_topic = fail_topic
         self.queue: list[tuple[FakeMsg, Any]] = []
         self.produced: list[FakeMsg] = []
+        self.headers: list[Any] = []  # per produce() call: the headers argument
         self.lock = threading.Lock()
         self.buffer_errors = 0
         self.deliver = threading.Event()
@@ -62,13 +63,15 @@ class FakeProducer:
         topic: str,
         value: bytes,
         key: bytes | None = None,
-        on_delivery: Any = None,
+        partition: int = -1,
+        on_delivery: Any = None,  # librdkafka's `callback`, its fifth positional parameter
         headers: Any = None,
     ) -> None:
         with self.lock:
             if len(self.queue) >= self.capacity:
                 self.buffer_errors += 1
                 raise BufferError("queue full")
+            self.headers.append(headers)
             self.queue.append((FakeMsg(topic, value, key), on_delivery))
 
     def poll(self, timeout: float = 0) -> int:
@@ -143,3 +146,15 @@ async def test_cancellation_does_not_hang_on_the_poller_thread() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(run_producer, batches_rx, sink)
             nursery.cancel_scope.cancel()
+
+
+def test_delivery_reports_count_per_topic_and_headers_go_only_with_records_that_have_them() -> None:
+    fake = FakeProducer(capacity=10)
+    sink = sink_with(fake)
+    backfilled = Outgoing("t", b"BTCUSDT", b"{}", 0, [("marketd-backfill", b"1")])
+    assert sink.produce_now([out(1), backfilled, out(2, topic="u")]) == 3
+    fake.flush()
+    assert fake.headers == [None, [("marketd-backfill", b"1")], None]
+    assert sink.stats.accepted.values == {"t": 2, "u": 1}
+    assert sink.stats.delivered.values == {"t": 2, "u": 1}
+    assert sink.stats.latency.labels().count == 3

@@ -47,8 +47,17 @@ class ScriptedProducer:
         self.ready: list[tuple[Callable[..., None], Any, Msg]] = []
         self.written: list[bytes] = []  # what "Kafka" has, in order
 
-    def produce(self, topic: str, value: bytes, key: bytes | None = None, **kw: Any) -> None:
-        self.held.append((Msg(topic, value, key, kw.get("headers")), kw["on_delivery"]))
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        partition: int = -1,
+        on_delivery: Callable[..., None] | None = None,  # librdkafka's positional `callback`
+        **kw: Any,
+    ) -> None:
+        assert on_delivery is not None
+        self.held.append((Msg(topic, value, key, kw.get("headers")), on_delivery))
 
     def __len__(self) -> int:
         return len(self.held) + len(self.ready)
