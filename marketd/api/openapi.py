@@ -23,6 +23,22 @@ def _json(schema: str, description: str) -> dict[str, Any]:
     }
 
 
+def _events(**schemas: str) -> dict[str, Any]:
+    """A Server-Sent Events response: the event names and each one's data schema."""
+    return {
+        "description": "the event stream",
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "string"},
+                "x-events": {
+                    event: {"$ref": f"#/components/schemas/{schema}"}
+                    for event, schema in schemas.items()
+                },
+            }
+        },
+    }
+
+
 SCHEMAS: Final[dict[str, Any]] = {
     "Ticker": {
         "type": "object",
@@ -129,6 +145,14 @@ _DEPTH_PARAM = {
     "schema": {"type": "integer", "minimum": 1},
 }
 
+_LAST_EVENT_ID_PARAM = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "the last `id:` received; sent by EventSource on reconnect",
+    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+}
+
 OPENAPI_PATHS: Final[dict[str, Any]] = {
     "/api/v1/ticker/{symbol}": {
         "get": {
@@ -216,28 +240,10 @@ OPENAPI_PATHS: Final[dict[str, Any]] = {
                     "pending updates)",
                     "schema": {"type": "string", "enum": ["0", "1"], "default": "1"},
                 },
-                {
-                    "name": "Last-Event-ID",
-                    "in": "header",
-                    "required": False,
-                    "description": "the last `id:` received; sent by EventSource on reconnect",
-                    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
-                },
+                _LAST_EVENT_ID_PARAM,
             ],
             "responses": {
-                "200": {
-                    "description": "the event stream",
-                    "content": {
-                        "text/event-stream": {
-                            "schema": {"type": "string"},
-                            "x-events": {
-                                "snapshot": {"$ref": "#/components/schemas/Tickers"},
-                                "ticker": {"$ref": "#/components/schemas/Ticker"},
-                                "status": {"$ref": "#/components/schemas/StreamStatus"},
-                            },
-                        }
-                    },
-                },
+                "200": _events(snapshot="Tickers", ticker="Ticker", status="StreamStatus"),
                 "400": _json("Error", "malformed or untracked symbol"),
                 "405": _json("Error", "not GET"),
                 "503": _json("Error", "too many streams on this process, or not running"),
@@ -253,15 +259,7 @@ OPENAPI_PATHS: Final[dict[str, Any]] = {
                 "each change (checked every 0.5 s), keep-alive comments every 15 s."
             ),
             "responses": {
-                "200": {
-                    "description": "the event stream",
-                    "content": {
-                        "text/event-stream": {
-                            "schema": {"type": "string"},
-                            "x-events": {"health": {"$ref": "#/components/schemas/HealthState"}},
-                        }
-                    },
-                },
+                "200": _events(health="HealthState"),
                 "503": _json("Error", "too many streams on this process"),
             },
         }
@@ -301,28 +299,10 @@ OPENAPI_PATHS: Final[dict[str, Any]] = {
             "parameters": [
                 _SYMBOL_PARAM,
                 _DEPTH_PARAM,
-                {
-                    "name": "Last-Event-ID",
-                    "in": "header",
-                    "required": False,
-                    "description": "the last `id:` received; sent by EventSource on reconnect",
-                    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
-                },
+                _LAST_EVENT_ID_PARAM,
             ],
             "responses": {
-                "200": {
-                    "description": "the event stream",
-                    "content": {
-                        "text/event-stream": {
-                            "schema": {"type": "string"},
-                            "x-events": {
-                                "snapshot": {"$ref": "#/components/schemas/BookSnapshot"},
-                                "book": {"$ref": "#/components/schemas/Book"},
-                                "status": {"$ref": "#/components/schemas/StreamStatus"},
-                            },
-                        }
-                    },
-                },
+                "200": _events(snapshot="BookSnapshot", book="Book", status="StreamStatus"),
                 "400": _json("Error", "malformed symbol or depth"),
                 "404": _json("Error", "no book kept for this symbol"),
                 "405": _json("Error", "not GET"),

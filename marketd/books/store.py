@@ -13,7 +13,6 @@ failures become StoreUnavailable; the caller owns the backoff.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from collections.abc import Sequence
 from typing import Any, Final
@@ -21,15 +20,29 @@ from typing import Any, Final
 import attrs
 import hiredis
 import msgspec
-import redis
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.retry import Retry
+from redis.exceptions import RedisError
 
 from marketd.books.board import BookView, Levels
 from marketd.errors import StoreUnavailable
+from marketd.redis_store import HashStreamStore, ScriptCall, TcpAddress, WriteStatus, as_text
 from marketd.redis_wire import RespConnection, bulk, command
-from marketd.tickers.store import Changes, Snapshot, TcpAddress, Update
+
+__all__ = [
+    "CONDITIONAL_WRITE",
+    "CONDITIONAL_WRITE_SHA",
+    "DEFAULT_REDIS_DEPTH",
+    "HASH_FIELDS",
+    "UPDATES_KEY",
+    "UPDATES_MAXLEN",
+    "BookStore",
+    "BookWrite",
+    "NativeBookWrites",
+    "WriteResult",
+    "WriteStatus",  # shared with the ticker store (marketd/redis_store.py)
+    "book_key",
+    "evalsha_commands",
+    "hash_fields",
+]
 
 UPDATES_KEY: Final = "books:updates"
 # Like tickers:updates: approximate trimming (`~`). A book entry is ~1-3 kB at depth 20, so this
@@ -88,12 +101,6 @@ CONDITIONAL_WRITE_SHA: Final = hashlib.sha1(
 ).hexdigest()
 
 
-class WriteStatus(enum.IntEnum):
-    OLDER = 0
-    STORED = 1
-    DUPLICATE = 2
-
-
 @attrs.frozen
 class BookWrite:
     """One view to write; `force`: the writer saw this book resync (its id may go back)."""
@@ -135,17 +142,10 @@ def _state(view: BookView) -> str:
     )
 
 
-# Connection-level failures: Redis is down, restarting, loading its data, or unreachable.
-_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
-
-
-class BookStore:
-    """One redis-py client (its own pool). Not for the trio thread: every method blocks.
-
-    The read side has the shape the API's readers and stream hub expect of a store
-    (`tcp_address`, `read`, `ping`, `snapshot`, `last_update_id`, `changes_since`,
-    `wait_updates`), over `book:{SYMBOL}` and `books:updates`.
-    """
+class BookStore(HashStreamStore):
+    """`book:{SYMBOL}` hashes and `books:updates`: see HashStreamStore for the client and the
+    read side the API's readers and stream hub use. Writes for TLS and unix-socket stores (the
+    writer's plain TCP path is NativeBookWrites)."""
 
     def __init__(
         self,
@@ -155,194 +155,40 @@ class BookStore:
         client_name: str = "marketd-books",
         max_connections: int | None = None,
     ) -> None:
-        self._client: redis.Redis = redis.Redis.from_url(
+        super().__init__(
             url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            key=book_key,
+            stream=UPDATES_KEY,
+            stream_maxlen=UPDATES_MAXLEN,
+            script=CONDITIONAL_WRITE,
+            # Entries per XRANGE / XREAD: a book entry is ~1-3 kB at depth 20 (see UPDATES_MAXLEN).
+            page=200,
+            timeout_s=timeout_s,
             client_name=client_name,
             max_connections=max_connections,
         )
-        self._sha: str | None = None
-
-    def close(self) -> None:
-        self._client.close()
-
-    def tcp_address(self) -> TcpAddress | None:
-        """Where a trio-native reader can connect (plain TCP only)."""
-        pool = self._client.connection_pool
-        if pool.connection_class is not redis.Connection:
-            return None
-        kw = pool.connection_kwargs
-        return TcpAddress(
-            host=str(kw.get("host", "localhost")),
-            port=int(kw.get("port", 6379)),
-            db=int(kw.get("db", 0) or 0),
-            username=kw.get("username"),
-            password=kw.get("password"),
-            timeout_s=float(kw.get("socket_timeout") or 2.0),
-        )
-
-    def ping(self) -> None:
-        try:
-            self._client.ping()
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-
-    # -- writes (the book writer) ------------------------------------------------------------
 
     def write(
         self, writes: Sequence[BookWrite], updated_at_ms: int, ttl_s: int, depth: int
     ) -> list[WriteResult]:
         """Conditionally write one view per symbol in one pipeline (EVALSHA each)."""
-        try:
-            sha = self._sha or self._load_script()
-            replies = self._run(sha, writes, updated_at_ms, ttl_s, depth)
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if missing:
-                # Redis restarted or SCRIPT FLUSH: load once more and redo only those commands.
-                sha = self._load_script()
-                again = self._run(sha, [writes[i] for i in missing], updated_at_ms, ttl_s, depth)
-                for i, reply in zip(missing, again, strict=True):
-                    replies[i] = reply
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        return [_result(w.view.symbol, reply) for w, reply in zip(writes, replies, strict=True)]
-
-    def _load_script(self) -> str:
-        sha: str = self._client.script_load(CONDITIONAL_WRITE)
-        self._sha = sha
-        return sha
-
-    def _run(
-        self,
-        sha: str,
-        writes: Sequence[BookWrite],
-        updated_at_ms: int,
-        ttl_s: int,
-        depth: int,
-    ) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for w in writes:
-            view = w.view
-            pipe.evalsha(
-                sha,
-                2,
-                book_key(view.symbol),
-                UPDATES_KEY,
-                view.last_update_id,
-                _state(view),
-                "1" if w.force else "0",
-                ttl_s,
-                UPDATES_MAXLEN,
-                view.symbol,
-                *hash_fields(view, updated_at_ms, depth),
+        calls = [
+            ScriptCall(
+                w.view.symbol,
+                [
+                    w.view.last_update_id,
+                    _state(w.view),
+                    "1" if w.force else "0",
+                    ttl_s,
+                    self.stream_maxlen,
+                    w.view.symbol,
+                    *hash_fields(w.view, updated_at_ms, depth),
+                ],
             )
-        replies: list[Any] = pipe.execute(raise_on_error=False)
-        for reply in replies:
-            if isinstance(reply, _UNAVAILABLE):
-                raise reply
-        return replies
-
-    # -- reads (the API) ---------------------------------------------------------------------
-
-    def read(self, symbols: Sequence[str]) -> list[dict[str, str]]:
-        """HGETALL of every `book:{symbol}` in one round trip; {} for an absent key."""
-        pipe = self._client.pipeline(transaction=False)
-        for symbol in symbols:
-            pipe.hgetall(book_key(symbol))
-        replies = self._execute(pipe)
-        return [_decode(reply) for reply in replies]
-
-    def snapshot(self, symbols: Sequence[str]) -> Snapshot:
-        """The last `books:updates` id and every `book:{symbol}` hash, atomically (MULTI)."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.xrevrange(UPDATES_KEY, "+", "-", count=1)
-        for symbol in symbols:
-            pipe.hgetall(book_key(symbol))
-        last, *replies = self._execute(pipe)
-        last_id = _text(last[0][0]) if last else "0-0"
-        return Snapshot(last_id, [_decode(reply) for reply in replies])
-
-    def last_update_id(self) -> str:
-        pipe = self._client.pipeline(transaction=False)
-        pipe.xrevrange(UPDATES_KEY, "+", "-", count=1)
-        (last,) = self._execute(pipe)
-        return _text(last[0][0]) if last else "0-0"
-
-    def changes_since(
-        self, after_id: str, symbols: frozenset[str] | None, page: int = 200
-    ) -> Changes:
-        """Updates after `after_id`, newest per symbol; unknown when `after_id` is gone."""
-        latest: dict[str, Update] = {}
-        start = after_id
-        inclusive = True
-        last_id = after_id
-        try:
-            while True:
-                entries: list[Any] = (
-                    self._client.xrange(
-                        UPDATES_KEY, start if inclusive else f"({start}", "+", count=page
-                    )
-                    or []
-                )
-                full = len(entries) == page
-                if inclusive:
-                    if not entries or _text(entries[0][0]) != after_id:
-                        return Changes(False, after_id, [])
-                    entries = entries[1:]
-                    inclusive = False
-                for raw_id, raw_fields in entries:
-                    update = _update(raw_id, raw_fields)
-                    last_id = update.id
-                    if symbols is None or update.symbol in symbols:
-                        latest.pop(update.symbol, None)  # re-insert: dict order = id order
-                        latest[update.symbol] = update
-                if not full:
-                    break
-                start = last_id
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        except ResponseError as exc:
-            raise StoreUnavailable(f"redis refused the read: {exc}") from exc
-        return Changes(True, last_id, list(latest.values()))
-
-    def wait_updates(self, after_id: str, block_ms: int, count: int = 200) -> list[Update]:
-        """XREAD BLOCK: entries after `after_id`, waiting up to `block_ms` ([] on timeout)."""
-        try:
-            reply = self._client.xread({UPDATES_KEY: after_id}, count=count, block=block_ms)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        except ResponseError as exc:
-            raise StoreUnavailable(f"redis refused the read: {exc}") from exc
-        if not reply:
-            return []
-        streams = reply.items() if isinstance(reply, dict) else reply  # RESP3 / RESP2
-        return [_update(raw_id, raw) for _key, entries in streams for raw_id, raw in entries]
-
-    def _execute(self, pipe: Any) -> list[Any]:
-        try:
-            replies: list[Any] = pipe.execute(raise_on_error=True)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        except ResponseError as exc:
-            # WRONGTYPE: something else owns a book key. Surface it; never guess.
-            raise StoreUnavailable(f"redis refused the read: {exc}") from exc
-        return replies
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _decode(reply: Any) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in reply.items()}
-
-
-def _update(raw_id: Any, raw_fields: Any) -> Update:
-    fields = _decode(raw_fields)
-    symbol = fields.pop("symbol", "")
-    return Update(_text(raw_id), symbol, fields)
+            for w in writes
+        ]
+        replies = self._write_each(calls)
+        return [_result(w.view.symbol, reply) for w, reply in zip(writes, replies, strict=True)]
 
 
 def _result(symbol: str, reply: Any) -> WriteResult:
@@ -350,7 +196,7 @@ def _result(symbol: str, reply: Any) -> WriteResult:
         return WriteResult(symbol, None, None, f"{type(reply).__name__}: {reply}")
     status, stored, update_id = reply
     return WriteResult(
-        symbol, WriteStatus(int(status)), int(_text(stored)), update_id=_text(update_id) or None
+        symbol, WriteStatus(int(status)), int(as_text(stored)), update_id=as_text(update_id) or None
     )
 
 
