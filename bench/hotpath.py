@@ -320,8 +320,11 @@ async def drain(n: int, redis_url: str) -> dict[str, float]:
         rt = Runtime(cfg, MetricsFactory(), cluster.bootstrap_servers, redis_url)
         async with trio.open_nursery() as nursery:
             await nursery.start(run_tickers, rt)
-            state = running_state(rt)
-            assert state is not None and state.metrics is not None
+            # Started is not connected: the consumer reports started at once and sets up its
+            # Kafka client and metrics when its dependencies answer (marketd/health.py).
+            with trio.fail_after(60):
+                while (state := running_state(rt)) is None or state.metrics is None:  # noqa: ASYNC110 - state of the consumer, no event
+                    await trio.sleep(0.01)
             consumed = state.metrics.consumed
             with trio.fail_after(120):
                 # Polling the counter is the measurement (0.5 ms resolution), not a wait.

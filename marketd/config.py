@@ -524,10 +524,12 @@ class KafkaConfig:
         help="producer acks",
     )
     linger_ms: float = setting(
-        0.0,
+        0.5,
+        env="KAFKA_LINGER_MS",
         check=Range(0, 60_000),
-        help="producer linger; 0 sends at once (receipt->ack p50 well under 1 ms), batching "
-        "still happens while requests are in flight",
+        help="producer linger; 0.5 lets one wake-up of librdkafka's broker thread carry a whole "
+        "receive chunk (a third less ingest CPU per message) for at most 0.5 ms per record; "
+        "0 sends at once",
     )
     idempotence: bool = setting(True, help="idempotent producer (no duplicates on retry)")
     flush_timeout_s: float = setting(
