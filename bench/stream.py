@@ -7,8 +7,9 @@ SSE clients (tests/support/sse.py, raw trio sockets).
 1. fan-out: --clients (1,000) clients follow all 15 tickers; each symbol is written once per
    second (Binance's rate), staggered over the second. Latency = client receipt - the moment
    just before the write (same clock, this process). Reports p50/p99/max, events per client
-   (min = starved?), dropped clients, the server's RSS and CPU. While the streams run, wrk
-   (-c32) polls GET /api/v1/ticker/BTCUSDT: the polling figures under stream load.
+   (min = starved?), dropped clients, the server's RSS and CPU. Then the same again while wrk
+   (-c32) polls GET /api/v1/ticker/BTCUSDT for half of the window: the polling figures under
+   stream load (and the stream's latency while polled).
 2. max delivery: --max-clients (100) clients without conflation (?conflate=0) while the writer
    writes as fast as it can (pipelines of 15 symbols): events/s delivered to all clients.
 
@@ -256,16 +257,19 @@ class Workers:
 
 
 async def fanout(
-    args: argparse.Namespace, api: subprocess.Popen[bytes], port: int, url: str
+    args: argparse.Namespace, api: subprocess.Popen[bytes], port: int, url: str, polling: bool
 ) -> None:
+    """One fan-out window: the latency of every event to every client; with `polling`, wrk
+    polls the ticker endpoint for the second half of it (the polling figures under stream load,
+    and the stream's latency while polled)."""
     t0 = time.monotonic()
     workers = Workers(args, port, args.clients, "/api/v1/stream/tickers", True)
     await trio.to_thread.run_sync(workers.wait_ready)
     connect_s = time.monotonic() - t0
     rss0, cpu0 = proc_stats(api.pid)
     print(
-        f"fan-out: {args.clients} clients in {len(workers.procs)} processes, connected in "
-        f"{connect_s:.1f} s, API RSS {rss0:.0f} MiB"
+        f"fan-out{' with polling' if polling else ''}: {args.clients} clients in "
+        f"{len(workers.procs)} processes, connected in {connect_s:.1f} s, API RSS {rss0:.0f} MiB"
     )
     polled: list[str] = []
     poll_s = max(1, int(args.seconds / 2))
@@ -282,7 +286,8 @@ async def fanout(
                     )
                 )
 
-            nursery.start_soon(poll)
+            if polling:
+                nursery.start_soon(poll)
             w0 = time.monotonic()
             writes = await write_paced(store, writer, args.seconds)
             await trio.sleep(1.0)  # the last events arrive
@@ -308,8 +313,9 @@ async def fanout(
         f"(writes {writes}); clients under half: {starved}; ended early: {len(run.ended)}"
     )
     print(f"  API process: RSS {rss1:.0f} MiB, CPU {100 * (cpu1 - cpu0) / wall:.0f}% of one core")
-    figures = polled[0] if polled else "-"
-    print(f"  polling while streaming (wrk -c32, {poll_s} s): {figures}")
+    if polling:
+        figures = polled[0] if polled else "-"
+        print(f"  polling while streaming (wrk -c32, {poll_s} s): {figures}")
 
 
 async def max_delivery(
@@ -362,7 +368,8 @@ def main() -> None:
         store.close()
         api, port = start_api(args, redis_server.url, Path(tmp))
         try:
-            trio.run(fanout, args, api, port, redis_server.url)
+            trio.run(fanout, args, api, port, redis_server.url, False)
+            trio.run(fanout, args, api, port, redis_server.url, True)
             trio.run(max_delivery, args, api, port, redis_server.url)
             metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
             for line in metrics.splitlines():
