@@ -397,6 +397,52 @@ async def _serve_client(
             nursery.cancel_scope.cancel()
 
 
+async def _push_updates(
+    hub: TickerHub,
+    client: Client,
+    send: Send,
+    *,
+    resync: Callable[[], Awaitable[None]],
+    render: Callable[[list[Pushed], int], bytes],
+) -> None:
+    """A client's own task, for ever: on each wake-up, a fresh snapshot when its queue asks for
+    one, else what is pending rendered as events (one write), or a keep-alive comment."""
+    events = hub.metrics.events.labels(hub.stream)
+    while True:
+        await client.wakeup.wait()  # an update, a resync, or the sweep's keep-alive call
+        client.wakeup = trio.Event()
+        if client.queue.resync:
+            await resync()
+            continue
+        updates = client.queue.take()
+        if not updates:
+            body = KEEPALIVE
+        else:
+            body = render(updates, _now_ms())
+            events.inc(len(updates))
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        client.quiet_since = trio.current_time()
+
+
+async def _snapshot_when_redis_answers(
+    hub: TickerHub, read: Callable[[], Awaitable[Snapshot]], send: Send
+) -> tuple[Snapshot, bool]:
+    """`read()` until Redis answers; the client gets one `status` event (redis false) while it
+    does not. Returns the snapshot and whether that event was sent (then a `status` ok follows)."""
+    told = False
+    while True:
+        try:
+            return await read(), told
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            detail = str(exc) or "redis did not answer"
+        if not told:
+            body = _encode({"redis": False, "detail": f"redis unavailable: {detail}"[:300]})
+            event = sse_event("status", body)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            told = True
+        await trio.sleep(hub.limits.retry_s)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -571,24 +617,7 @@ class StreamApp:
         """A fresh snapshot; while Redis cannot give one, a `status` event and retries."""
         hub = self.hub
         assert hub is not None
-        told = False
-        while True:
-            try:
-                snap = await hub.snapshot()
-                break
-            except (StoreUnavailable, trio.TooSlowError) as exc:
-                detail = str(exc) or "redis did not answer"
-            if not told:
-                body = _encode({"redis": False, "detail": f"redis unavailable: {detail}"[:300]})
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": sse_event("status", body),
-                        "more_body": True,
-                    }
-                )
-                told = True
-            await trio.sleep(hub.limits.retry_s)
+        snap, told = await _snapshot_when_redis_answers(hub, hub.snapshot, send)
         now = _now_ms()
         views: list[dict[str, Any]] = []
         missing: list[str] = []
@@ -608,24 +637,14 @@ class StreamApp:
         hub.metrics.events.labels("tickers").inc()
 
     async def _push(self, client: Client, symbols: tuple[str, ...], send: Send) -> None:
-        hub = self.hub
-        assert hub is not None
-        events = hub.metrics.events.labels("tickers")
-        while True:
-            await client.wakeup.wait()  # an update, a resync, or the sweep's keep-alive call
-            client.wakeup = trio.Event()
-            if client.queue.resync:
-                await self._resync(client, symbols, send)
-                continue
-            updates = client.queue.take()
-            if not updates:
-                body = KEEPALIVE
-            else:
-                now = _now_ms()
-                body = b"".join(u.event(now) for u in updates)
-                events.inc(len(updates))
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            client.quiet_since = trio.current_time()
+        assert self.hub is not None
+        await _push_updates(
+            self.hub,
+            client,
+            send,
+            resync=lambda: self._resync(client, symbols, send),
+            render=lambda updates, now: b"".join(u.event(now) for u in updates),
+        )
 
     # -- order books ------------------------------------------------------------------------
 
@@ -723,24 +742,9 @@ class StreamApp:
         """A fresh `snapshot` of the book; while Redis cannot give one, a `status` event."""
         hub = self.book_hub
         assert hub is not None
-        told = False
-        while True:
-            try:
-                snap = await hub.read(hub._reads.snapshot, (symbol,))
-                break
-            except (StoreUnavailable, trio.TooSlowError) as exc:
-                detail = str(exc) or "redis did not answer"
-            if not told:
-                body = _encode({"redis": False, "detail": f"redis unavailable: {detail}"[:300]})
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": sse_event("status", body),
-                        "more_body": True,
-                    }
-                )
-                told = True
-            await trio.sleep(hub.limits.retry_s)
+        snap, told = await _snapshot_when_redis_answers(
+            hub, lambda: hub.read(hub._reads.snapshot, (symbol,)), send
+        )
         try:
             view = book_view(symbol, snap.rows[0], _now_ms(), depth)
         except ValueError:  # CorruptBook: shown as no book, logged by the next update
@@ -755,27 +759,17 @@ class StreamApp:
         hub.metrics.events.labels(hub.stream).inc()
 
     async def _book_push(self, client: Client, symbol: str, depth: int | None, send: Send) -> None:
-        hub = self.book_hub
-        assert hub is not None
-        events = hub.metrics.events.labels(hub.stream)
-        while True:
-            await client.wakeup.wait()  # an update, a resync, or the sweep's keep-alive call
-            client.wakeup = trio.Event()
-            if client.queue.resync:
-                await self._book_resync(client, symbol, depth, send)
-                continue
-            updates = client.queue.take()
-            if not updates:
-                body = KEEPALIVE
-            else:
-                now = _now_ms()
-                body = b"".join(
-                    u.book_event(now, depth) if isinstance(u, BookPushed) else u.event(now)
-                    for u in updates
-                )
-                events.inc(len(updates))
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            client.quiet_since = trio.current_time()
+        assert self.book_hub is not None
+        await _push_updates(
+            self.book_hub,
+            client,
+            send,
+            resync=lambda: self._book_resync(client, symbol, depth, send),
+            render=lambda updates, now: b"".join(
+                u.book_event(now, depth) if isinstance(u, BookPushed) else u.event(now)
+                for u in updates
+            ),
+        )
 
     # -- health -----------------------------------------------------------------------------
 
