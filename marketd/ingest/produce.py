@@ -143,7 +143,6 @@ class KafkaSink:
         self._in_flight = trio.Event()  # set when something was produced since the last drain
         self._throttle = Throttle(60.0)
         self._latency = stats.latency.labels()
-        self._delivered = stats.delivered.values  # incremented inline per delivery report
         self.backpressure_waits = 0
 
     # -- delivery reports (trio thread; the flush thread at shutdown) ------------------------
@@ -183,7 +182,7 @@ class KafkaSink:
             unacked.pop(seq, None)
         hook = self.on_resolved
         if err is None:
-            delivered = self._delivered  # FastCounter.inc, inlined
+            delivered = self.stats.delivered.values  # FastCounter.inc, inlined
             delivered[topic] = delivered.get(topic, 0) + 1
             self._latency.observe((time.time_ns() - recv_ns) / 1e9)
             self.progress_at = self.acked_at = self._clock()
