@@ -397,6 +397,20 @@ async def _serve_client(
             nursery.cancel_scope.cancel()
 
 
+async def _accepting(hub: TickerHub | None, send: Send) -> TickerHub | None:
+    """The hub, if it can take one more client; else None, after answering 503 (the stream
+    is not running, or at its client cap)."""
+    if hub is None or hub.closing.is_set():
+        body = {"error": "unavailable", "detail": "the stream is not running"}
+    elif hub.full():
+        hub.metrics.rejected.inc()
+        body = {"error": "too_many_streams", "detail": "try again later"}
+    else:
+        return hub
+    await _json_response(send, 503, body)
+    return None
+
+
 async def _push_updates(
     hub: TickerHub,
     client: Client,
@@ -559,16 +573,8 @@ class StreamApp:
         if isinstance(symbols, dict):
             await _json_response(send, 400, symbols)
             return
-        if hub is None or hub.closing.is_set():
-            await _json_response(
-                send, 503, {"error": "unavailable", "detail": "the stream is not running"}
-            )
-            return
-        if hub.full():
-            hub.metrics.rejected.inc()
-            await _json_response(
-                send, 503, {"error": "too_many_streams", "detail": "try again later"}
-            )
+        hub = await _accepting(hub, send)
+        if hub is None:
             return
         query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
         conflate = query.get("conflate", ["1"])[-1] not in ("0", "false", "no")
@@ -688,16 +694,8 @@ class StreamApp:
         except _Refused as refused:
             await _json_response(send, refused.status, refused.body)
             return
-        if hub is None or hub.closing.is_set():
-            await _json_response(
-                send, 503, {"error": "unavailable", "detail": "the stream is not running"}
-            )
-            return
-        if hub.full():
-            hub.metrics.rejected.inc()
-            await _json_response(
-                send, 503, {"error": "too_many_streams", "detail": "try again later"}
-            )
+        hub = await _accepting(hub, send)
+        if hub is None:
             return
         queue = ClientQueue(
             frozenset((symbol,)),
