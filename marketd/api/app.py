@@ -24,7 +24,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from marketd.api import book, dashboard, openapi, stream
-from marketd.api.hot import HotReads, TickerReads
+from marketd.api.hot import READ_TIMEOUT_S, HotReads, TickerReads
 from marketd.api.middleware import CloseAfterResponse, RequestMetrics
 from marketd.api.reader import TickerReader
 from marketd.api.views import freshness, health_view
@@ -39,7 +39,6 @@ log = get_logger(__name__)
 
 API_COMPONENT: Final = "api"
 ANALYTICS_MODULE: Final = "marketd.api.analytics"
-READ_TIMEOUT_S: Final = 1.0  # a hung Redis answers 503 within this, not after the client gives up
 _encode = msgspec.json.Encoder().encode
 _JSON = "application/json"
 

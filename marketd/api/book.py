@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 import attrs
 import msgspec
@@ -21,6 +21,7 @@ from quart import Blueprint, Response, current_app, request
 
 from marketd import streams
 from marketd.api.fanout import Pushed, id_key, sse_event
+from marketd.api.hot import READ_TIMEOUT_S  # as the ticker reads: 503 within 2x this
 from marketd.api.reader import TickerReader
 from marketd.api.views import BadSymbol, normalise_symbol
 from marketd.books.store import DEFAULT_REDIS_DEPTH, BookStore, book_key
@@ -31,7 +32,6 @@ from marketd.runtime import Runtime
 
 log = get_logger(__name__)
 
-READ_TIMEOUT_S: Final = 1.0  # as the ticker reads: a hung Redis answers 503 within 2x this
 _encode = msgspec.json.Encoder().encode
 _levels = msgspec.json.Decoder(list[tuple[str, str]]).decode
 _JSON = "application/json"

@@ -34,7 +34,7 @@ TICKERS_PATH: Final = "/api/v1/tickers"
 TICKER_PREFIX: Final = "/api/v1/ticker/"
 TICKER_ROUTE: Final = "/api/v1/ticker/{symbol}"
 TICKER_HEALTH_PATH: Final = "/api/v1/ticker/health"  # a Quart route of its own
-READ_TIMEOUT_S: Final = 1.0  # a hung Redis answers 503 within twice this
+READ_TIMEOUT_S: Final = 1.0  # every API read of Redis: a hung Redis answers 503 within twice this
 JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
 
 _encode = msgspec.json.Encoder().encode
